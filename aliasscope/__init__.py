@@ -1,0 +1,59 @@
+"""aliasscope: where a vision model breaks its symmetries, layer by layer, and why.
+
+The method is the Lie derivative of a network (Gruver, Finzi, Goldblum, Wilson, ICLR 2023):
+``L_X F(x) = d/dt rho(-t) F(rho(t) x)`` at ``t = 0`` for continuous image transformations rho.
+
+Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~aliasscope.generators`
+(their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics),
+with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos.
+
+Quick start::
+
+    import aliasscope as asc
+    model, preprocess = asc.load_model("tf_efficientnet_lite0")
+    batch = asc.load_images(preprocess=preprocess)       # real photos bundled with scikit-image
+    metrics = asc.equivariance_metrics(model, batch)     # per image x transform
+    print(metrics)
+"""
+
+__version__ = "0.1.0"
+
+from .data import ImageBatch, load_images
+from .generators import GENERATORS, apply_generator, generator_names
+from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
+from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
+from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
+from .resample import resample
+from .transforms import TRANSFORMS, Transform, get_transform, transform_names
+
+__all__ = [
+    "__version__",
+    # transforms and generators
+    "TRANSFORMS",
+    "Transform",
+    "get_transform",
+    "transform_names",
+    "GENERATORS",
+    "apply_generator",
+    "generator_names",
+    "resample",
+    # layouts
+    "Layout",
+    "BCHW",
+    "BHWC",
+    "INVARIANT",
+    "infer_layout",
+    # Lie derivatives
+    "lie_derivative",
+    "finite_difference",
+    "equivariance_metrics",
+    "EquivarianceMetrics",
+    # models and images
+    "load_model",
+    "Preprocess",
+    "BUNDLED_MODELS",
+    "available_pretrained",
+    "MissingWeightsError",
+    "load_images",
+    "ImageBatch",
+]

@@ -1,0 +1,106 @@
+"""Models are borrowed, never changed: input checks and the context that gives a model back intact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["borrowed", "check_images", "expected_in_channels"]
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+@contextmanager
+def borrowed(model: nn.Module) -> Iterator[nn.Module]:
+    """Use ``model`` in eval mode and give it back exactly as it came, even if an error is raised.
+
+    Restores every submodule's train/eval flag and removes any hook registered on any submodule
+    while borrowed. Parameters are never written by aliasscope's analyses.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    hooks = [{name: set(getattr(m, name, {}).keys()) for name in _HOOK_DICTS} for m in modules]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, mode, before in zip(modules, modes, hooks, strict=True):
+            m.training = mode
+            for name, keys in before.items():
+                d = getattr(m, name, None)
+                if d is None:
+                    continue
+                for k in [k for k in d if k not in keys]:
+                    del d[k]
+
+
+def expected_in_channels(model: nn.Module) -> int | None:
+    """Input channels the model expects: timm's ``pretrained_cfg['input_size'][0]``, else the first conv's."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        return int(cfg["input_size"][0])
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+    return None
+
+
+def _param_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    for p in model.parameters():
+        return p.dtype, p.device
+    return None, None
+
+
+def check_images(images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """Validate a (B, C, H, W) image batch for ``model``; returns it on the model's device.
+
+    Raises
+    ------
+    TypeError
+        Not a floating-point tensor.
+    ValueError
+        Not 4-D, empty, too small, wrong channel count for the model, NaN/inf values, or a dtype
+        that differs from the model's parameters.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(
+            f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}"
+            + (" (add a batch dimension with images[None])" if images.dim() == 3 else "")
+        )
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point, got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch")
+    if min(images.shape[-2:]) < 2:
+        raise ValueError(f"images must be at least 2x2 pixels, got shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"images contain NaN or inf values (batch indices {bad[:10]})")
+    if model is None:
+        return images
+    want = expected_in_channels(model)
+    if want is not None and images.shape[1] != want:
+        raise ValueError(
+            f"the model expects {want} input channels, but images have shape {tuple(images.shape)}"
+        )
+    dtype, device = _param_dtype_device(model)
+    if dtype is not None and dtype != images.dtype:
+        raise ValueError(
+            f"images are {images.dtype} but the model's parameters are {dtype}: convert one of them "
+            f"(e.g. model.double() and images.double())"
+        )
+    return images if device is None else images.to(device)

