@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -168,5 +169,8 @@ def jvp(fn: Callable[[torch.Tensor], torch.Tensor], primal: torch.Tensor, tangen
 
     Parameters of modules called inside ``fn`` are treated as constants.
     """
-    with _FastJvpMode():
+    with _FastJvpMode(), warnings.catch_warnings():
+        # torch's first forward-mode call loads decompositions through torch.jit.script, which is
+        # deprecated upstream; the warning says nothing about the user's code
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         return torch.func.jvp(fn, (primal,), (tangent,))

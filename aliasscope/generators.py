@@ -43,6 +43,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .forward_mode import jvp
 from .layouts import BCHW, Layout
 from .resample import bilinear_reflect, paper_coordinates, pixel_centres
 from .transforms import Transform, get_transform
@@ -110,7 +111,7 @@ def paper(x: torch.Tensor, tr: Transform) -> torch.Tensor:
         return bilinear_reflect(x, u, v)
 
     t0 = torch.zeros((), dtype=torch.float32)
-    _, dx = torch.func.jvp(moved, (t0,), (torch.ones_like(t0),))
+    _, dx = jvp(moved, t0, torch.ones_like(t0))
     return dx
 
 

@@ -83,8 +83,10 @@ def main() -> None:
 
     base = statistics.median(times["forward"])
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"model {args.model}, batch {args.batch}x3x{args.size}x{args.size}, device {name}, "
-          f"torch threads {torch.get_num_threads()}, transform {args.transform}, {args.repeats} repeats")
+    print(
+        f"model {args.model}, batch {args.batch}x3x{args.size}x{args.size}, device {name}, "
+        f"torch threads {torch.get_num_threads()}, transform {args.transform}, {args.repeats} repeats"
+    )
     print(f"{'case':<32} {'median s':>10} {'x forward':>10}")
     for case, ts in times.items():
         med = statistics.median(ts)

@@ -1,0 +1,143 @@
+"""The command line: exit codes, one clear line per bad argument, output files that parse."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import IMAGENET_SAMPLE
+from PIL import Image
+
+from aliasscope.cli import build_parser, main
+
+TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
+
+
+def _photos(folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_diagnose_writes_metrics_and_summary(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["diagnose", *TINY, "--images", str(_photos(tmp_path / "imgs")), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 3 and set(rows[0]) == {"image", "file", "translate_x", "rotate"}
+    assert all(float(r["rotate"]) > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_images"] == 3 and summary["top1"] is None
+    assert summary["metrics"]["transforms"]["rotate"]["n"] == 3
+    assert summary["versions"]["torch"]
+
+
+def test_diagnose_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    imgs = _photos(tmp_path / "imgs", 2)
+    assert main(["diagnose", *TINY, "--images", str(imgs), "--out", str(tmp_path / "o"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["generator"] == "central" and printed["num_images"] == 2
+
+
+def test_diagnose_with_labels_reports_top1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = IMAGENET_SAMPLE / "labels.csv"
+    if not labels.is_file():
+        pytest.skip("shared ImageNet sample not available")
+    args = [
+        "diagnose",
+        "--images",
+        str(labels),
+        "--every",
+        "250",
+        "--transforms",
+        "translate_x",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "top-1 accuracy" in text and "translate_x" in text
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["num_images"] == 4 and 0 <= summary["top1"] <= 1
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagnose", "--model", "resnet_999", "--out", str(tmp_path)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("aliasscope: error:") and "resnet_999" in line
+
+
+def test_empty_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["diagnose", *TINY, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no image files" in _error_line(capsys)
+
+
+def test_unreadable_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    imgs = _photos(tmp_path / "imgs", 1)
+    (imgs / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["diagnose", *TINY, "--images", str(imgs), "--out", str(tmp_path / "o")]) == 2
+    assert "broken.jpg" in _error_line(capsys)
+
+
+def test_labels_csv_with_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    imgs = _photos(tmp_path / "imgs", 1)
+    (imgs / "labels.csv").write_text("file,class_index\nimg0.png,3\nmissing.png,4\n")
+    assert main(["diagnose", *TINY, "--images", str(imgs / "labels.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.png" in _error_line(capsys)
+
+
+def test_missing_image_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagnose", *TINY, "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in _error_line(capsys)
+
+
+def test_unavailable_device(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["diagnose", *TINY, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["diagnose", "--transforms", "twist"],
+        ["diagnose", "--generator", "sobel"],
+        ["diagnose", "--batch-size", "0"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_bad_arguments_exit_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage: aliasscope" in capsys.readouterr().err
+
+
+def test_help_lists_every_option() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["diagnose"].format_help()
+    for option in (
+        "--model",
+        "--images",
+        "--transforms",
+        "--generator",
+        "--device",
+        "--out",
+        "--num-images",
+        "--batch-size",
+        "--pretrained",
+        "--quiet",
+        "--json",
+    ):
+        assert option in help_text
