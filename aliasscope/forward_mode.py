@@ -10,9 +10,10 @@ routes a few ops to :class:`torch.autograd.Function` s whose forward-mode rule i
   rule recomputes batch statistics' terms);
 * ``scaled_dot_product_attention``: decomposed into ``softmax(q k^T * scale + mask) v``, because
   the fused CPU/GPU kernels have no forward-mode rule at all;
-* in-place activations (``F.relu(x, inplace=True)``, ``ReLU6``, ``SiLU(inplace=True)``...) run out
-  of place: in forward mode an in-place op must first clone its input to keep it for the tangent.
-  The returned value is the same; only a caller that relies on the side effect would notice.
+* in-place ops (``F.relu(x, inplace=True)``, ``ReLU6``, ``x += y``, ``x.mul_(g)``) run out of place
+  (:func:`out_of_place`): in forward mode an in-place op must first clone its input to keep it for
+  the tangent. The returned value is the same; only a caller that relies on the side effect would
+  notice.
 
 Every other op keeps PyTorch's own forward-mode rule. Values are the same as plain autodiff (the
 rules are exact, not approximations); the mode is forward-only and meant for inference.
@@ -24,6 +25,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +130,42 @@ _CONVS = {F.conv1d, F.conv2d, F.conv3d}
 _BN_SIGNATURE = inspect.signature(F.batch_norm)
 
 
+_INPLACE_DUNDERS = {
+    "__iadd__": "__add__",
+    "__isub__": "__sub__",
+    "__imul__": "__mul__",
+    "__itruediv__": "__truediv__",
+    "__ifloordiv__": "__floordiv__",
+    "__ipow__": "__pow__",
+    "__imatmul__": "__matmul__",
+}
+_KEEP_INPLACE = {"requires_grad_", "retain_grad", "share_memory_", "set_", "resize_", "record_stream"}
+
+
+def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """The out-of-place twin of an in-place call (``x.add_(y)`` -> ``x.add(y)``, ``x += y`` ->
+    ``x + y``, ``F.relu(x, inplace=True)`` -> ``F.relu(x)``); other calls pass through unchanged.
+
+    Callers that use the returned value see the same result; only code that relies on the side
+    effect would notice.
+    """
+    if func in _INPLACE_ACTIVATIONS:
+        bound = _INPLACE_ACTIVATIONS[func].bind(*args, **kwargs)
+        if bound.arguments.get("inplace"):
+            bound.arguments["inplace"] = False
+            return func, bound.args, bound.kwargs
+        return func, args, kwargs
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE_DUNDERS:
+        return getattr(torch.Tensor, _INPLACE_DUNDERS[name]), args, kwargs
+    if name.endswith("_") and not name.startswith("_") and name not in _KEEP_INPLACE:
+        if getattr(torch.Tensor, name, None) is func and hasattr(torch.Tensor, name[:-1]):
+            return getattr(torch.Tensor, name[:-1]), args, kwargs
+        if getattr(torch, name, None) is func and hasattr(torch, name[:-1]):
+            return getattr(torch, name[:-1]), args, kwargs
+    return func, args, kwargs
+
+
 def _bind(names: tuple[str, ...], defaults: tuple, args: tuple, kwargs: dict) -> list:
     values = list(args) + list(defaults[len(args) :])
     for k, v in kwargs.items():
@@ -154,23 +192,22 @@ class _FastJvpMode(TorchFunctionMode):
                     *(_Const(p[k]) for k in ("running_mean", "running_var", "weight", "bias")),
                     p["eps"],
                 )
-        if func in _INPLACE_ACTIVATIONS:
-            a = _INPLACE_ACTIVATIONS[func].bind(*args, **kwargs)
-            if a.arguments.get("inplace"):
-                a.arguments["inplace"] = False
-                return func(*a.args, **a.kwargs)
         if func is F.scaled_dot_product_attention:
             return _sdpa_math(*args, **kwargs)
+        func, args, kwargs = out_of_place(func, args, kwargs)
         return func(*args, **kwargs)
 
 
-def jvp(fn: Callable[[torch.Tensor], torch.Tensor], primal: torch.Tensor, tangent: torch.Tensor):
+def jvp(fn: Callable[..., Any], primal: Any, tangent: Any) -> tuple[Any, Any]:
     """``(fn(primal), J_fn(primal) . tangent)`` by forward-mode AD with the fast rules above.
 
-    Parameters of modules called inside ``fn`` are treated as constants.
+    ``primal`` and ``tangent`` are a tensor each, or tuples of tensors for a function of several
+    inputs. Parameters of modules called inside ``fn`` are treated as constants.
     """
+    primals = primal if isinstance(primal, tuple) else (primal,)
+    tangents = tangent if isinstance(tangent, tuple) else (tangent,)
     with _FastJvpMode(), warnings.catch_warnings():
         # torch's first forward-mode call loads decompositions through torch.jit.script, which is
         # deprecated upstream; the warning says nothing about the user's code
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        return torch.func.jvp(fn, (primal,), (tangent,))
+        return torch.func.jvp(fn, primals, tangents)

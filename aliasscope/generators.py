@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .forward_mode import jvp
-from .layouts import BCHW, Layout
+from .layouts import BCHW, Layout, map_spatial
 from .resample import bilinear_reflect, paper_coordinates, pixel_centres
 from .transforms import Transform, get_transform
 
@@ -168,6 +168,4 @@ def apply_generator(
         return torch.zeros_like(x)
     if not tr.is_spatial:
         return x.clone()
-    img, prefix = layout.to_bchw(x)
-    d_img = gen(img, tr)
-    return layout.from_bchw(d_img, None if prefix is None else torch.zeros_like(prefix))
+    return map_spatial(x, layout, lambda img: gen(img, tr))

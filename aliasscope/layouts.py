@@ -1,105 +1,194 @@
 """How a tensor maps onto an image grid, so that transforms and generators can act on it.
 
-=============  ==================================================================================
-layout         meaning
-=============  ==================================================================================
-``bchw``       (B, C, H, W) feature maps, the PyTorch convention
-``bhwc``       (B, H, W, C) channels-last maps (timm ConvNeXt / Swin blocks)
-``tokens``     (B, N, C) token sequences: ``num_prefix`` leading tokens (class, distillation,
-               register) that do not live on the grid, then ``grid[0] * grid[1]`` patch tokens in
-               row-major order
-``invariant``  anything that carries no spatial structure (logits, pooled features): every spatial
-               transform acts on it as the identity, so its generator is 0
-=============  ==================================================================================
+A :class:`Layout` gives every dimension of a tensor a *role*:
+
+====  ==========================================================================================
+role  meaning
+====  ==========================================================================================
+b     batch (images); the generator acts on each entry separately
+c     channel or any other non-spatial index (heads, hidden units, classes)
+h, w  rows and columns of a pixel grid (at most one pair per tensor)
+n     a token sequence over a grid: ``num_prefix`` leading non-grid tokens (class, distillation,
+      register) then ``grid[0] * grid[1]`` patch tokens in row-major order. A tensor may have
+      several ``n`` dimensions (an attention matrix has two), all over the same grid.
+====  ==========================================================================================
+
+Common layouts have names: :data:`BCHW` (PyTorch feature maps), :data:`BHWC` (channels last, as in
+timm ConvNeXt/Swin blocks), ``Layout.tokens(grid, num_prefix)`` for (B, N, C) token sequences, and
+:data:`INVARIANT` for tensors with no spatial structure (logits, pooled features), on which every
+spatial transform acts as the identity. A tensor with several spatial dimensions transforms on each
+(``A -> P A P^T`` for an attention matrix), so its generator is the sum over them (product rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["Layout", "BCHW", "BHWC", "INVARIANT", "infer_layout"]
+__all__ = ["Layout", "BCHW", "BHWC", "INVARIANT", "infer_layout", "map_spatial"]
 
-LayoutKind = Literal["bchw", "bhwc", "tokens", "invariant"]
+ROLES = ("b", "c", "h", "w", "n")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The spatial layout of a tensor. Build one with the constants or :meth:`tokens`."""
+    """Roles of a tensor's dimensions (``roles=None``: invariant, any rank).
 
-    kind: LayoutKind
+    Parameters
+    ----------
+    roles:
+        One of ``"b", "c", "h", "w", "n"`` per dimension, or ``None`` for an invariant tensor.
+    grid:
+        (rows, cols) of the token grid, required when a role is ``"n"``.
+    num_prefix:
+        Leading non-grid tokens along every ``"n"`` dimension.
+    """
+
+    roles: tuple[str, ...] | None = None
     grid: tuple[int, int] | None = None
     num_prefix: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("bchw", "bhwc", "tokens", "invariant"):
-            raise ValueError(f"unknown layout kind {self.kind!r}; valid: bchw, bhwc, tokens, invariant")
-        if self.kind == "tokens" and (self.grid is None or len(self.grid) != 2):
-            raise ValueError("a tokens layout needs grid=(rows, cols)")
+        if self.roles is None:
+            return
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown layout roles {bad}; valid roles: {', '.join(ROLES)}")
+        if (
+            ("h" in self.roles) != ("w" in self.roles)
+            or self.roles.count("h") > 1
+            or self.roles.count("w") > 1
+        ):
+            raise ValueError(f"a layout needs exactly one 'h' and one 'w' or neither, got {self.roles}")
+        if "n" in self.roles and (self.grid is None or len(self.grid) != 2):
+            raise ValueError("a layout with token dimensions ('n') needs grid=(rows, cols)")
 
+    # -- constructors and names -------------------------------------------------------------
     @staticmethod
     def tokens(grid: tuple[int, int], num_prefix: int = 0) -> Layout:
         """A (B, N, C) token layout with ``num_prefix`` leading non-grid tokens."""
-        return Layout("tokens", (int(grid[0]), int(grid[1])), int(num_prefix))
+        return Layout(("b", "n", "c"), (int(grid[0]), int(grid[1])), int(num_prefix))
+
+    @property
+    def kind(self) -> str:
+        """A short name: ``bchw``, ``bhwc``, ``tokens``, ``invariant`` or the roles joined."""
+        if not self.is_image_like:
+            return "invariant"
+        named = {("b", "c", "h", "w"): "bchw", ("b", "h", "w", "c"): "bhwc", ("b", "n", "c"): "tokens"}
+        return named.get(self.roles, "".join(self.roles))
+
+    def __str__(self) -> str:
+        if "n" in (self.roles or ()):
+            extra = f"+{self.num_prefix}" if self.num_prefix else ""
+            return f"{self.kind}({self.grid[0]}x{self.grid[1]}{extra})"
+        return self.kind
 
     @property
     def is_image_like(self) -> bool:
-        """True when spatial transforms act on the tensor (everything but ``invariant``)."""
-        return self.kind != "invariant"
+        """True when spatial transforms act on the tensor."""
+        return self.roles is not None and any(r in ("h", "w", "n") for r in self.roles)
+
+    @property
+    def num_tokens(self) -> int:
+        """Length of an ``n`` dimension (prefix + grid)."""
+        return self.num_prefix + self.grid[0] * self.grid[1] if self.grid else 0
 
     def check(self, x: torch.Tensor) -> None:
         """Raise a clear error when ``x`` cannot have this layout."""
-        want = {"bchw": 4, "bhwc": 4, "tokens": 3}.get(self.kind)
-        if want is not None and x.dim() != want:
-            raise ValueError(f"a {self.kind} layout needs a {want}-D tensor, got shape {tuple(x.shape)}")
-        if self.kind == "tokens":
-            n = self.num_prefix + self.grid[0] * self.grid[1]
-            if x.shape[1] != n:
+        if self.roles is None:
+            return
+        if x.dim() != len(self.roles):
+            raise ValueError(f"layout {self} needs a {len(self.roles)}-D tensor, got shape {tuple(x.shape)}")
+        for d, r in enumerate(self.roles):
+            if r == "n" and x.shape[d] != self.num_tokens:
                 raise ValueError(
-                    f"tokens layout with grid {self.grid} and {self.num_prefix} prefix tokens needs "
-                    f"N = {n}, got shape {tuple(x.shape)}"
+                    f"layout {self} needs {self.num_tokens} tokens along dim {d}, got shape {tuple(x.shape)}"
                 )
 
+    # -- single-grid views (bchw, bhwc, tokens) ---------------------------------------------
+    def _single_grid(self) -> None:
+        if self.roles not in (("b", "c", "h", "w"), ("b", "h", "w", "c"), ("b", "n", "c")):
+            raise ValueError(f"layout {self} is not a single (B, C, H, W)-like grid")
+
     def to_bchw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """View ``x`` as (B, C, H, W); also returns the prefix tokens (or ``None``)."""
+        """View a bchw/bhwc/tokens tensor as (B, C, H, W); also returns the prefix tokens (or None)."""
+        self._single_grid()
         self.check(x)
         if self.kind == "bchw":
             return x, None
         if self.kind == "bhwc":
             return x.permute(0, 3, 1, 2), None
-        if self.kind == "tokens":
-            b, _, c = x.shape
-            h, w = self.grid
-            prefix = x[:, : self.num_prefix]
-            img = x[:, self.num_prefix :].reshape(b, h, w, c).permute(0, 3, 1, 2)
-            return img, prefix
-        raise ValueError("an invariant tensor has no image grid")
+        b, _, c = x.shape
+        h, w = self.grid
+        prefix = x[:, : self.num_prefix]
+        return x[:, self.num_prefix :].reshape(b, h, w, c).permute(0, 3, 1, 2), prefix
 
     def from_bchw(self, img: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Inverse of :meth:`to_bchw`; ``prefix`` fills the prefix tokens (zeros when ``None``)."""
+        """Inverse of :meth:`to_bchw`; ``prefix`` fills the prefix tokens (zeros when None)."""
+        self._single_grid()
         if self.kind == "bchw":
             return img
         if self.kind == "bhwc":
             return img.permute(0, 2, 3, 1)
-        if self.kind == "tokens":
-            b, c = img.shape[:2]
-            seq = img.permute(0, 2, 3, 1).reshape(b, -1, c)
-            if prefix is None:
-                prefix = seq.new_zeros(b, self.num_prefix, c)
-            return torch.cat([prefix, seq], dim=1)
-        raise ValueError("an invariant tensor has no image grid")
+        b, c = img.shape[:2]
+        seq = img.permute(0, 2, 3, 1).reshape(b, -1, c)
+        if prefix is None:
+            prefix = seq.new_zeros(b, self.num_prefix, c)
+        return torch.cat([prefix, seq], dim=1)
 
 
-BCHW = Layout("bchw")
-BHWC = Layout("bhwc")
-INVARIANT = Layout("invariant")
+BCHW = Layout(("b", "c", "h", "w"))
+BHWC = Layout(("b", "h", "w", "c"))
+INVARIANT = Layout(None)
+
+
+def map_spatial(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum over the tensor's spatial groups of ``fn`` applied on that group's grid.
+
+    ``fn`` maps an (M, 1, H, W) or (B, C, H, W) stack of images to the same shape (a linear,
+    per-image operator such as a generator). Prefix tokens get 0. Returns a tensor shaped like ``x``.
+    """
+    layout.check(x)
+    if not layout.is_image_like:
+        return torch.zeros_like(x)
+    roles = layout.roles
+    if roles == ("b", "c", "h", "w"):
+        return fn(x)
+    out = torch.zeros_like(x)
+    if "h" in roles:
+        dh, dw = roles.index("h"), roles.index("w")
+        rest = [d for d in range(x.dim()) if d not in (dh, dw)]
+        perm = [*rest, dh, dw]
+        moved = x.permute(perm)
+        lead = moved.shape[:-2]
+        img = moved.reshape(-1, 1, *moved.shape[-2:])
+        out = out + fn(img).reshape(*lead, *moved.shape[-2:]).permute(_inverse(perm))
+    gh, gw = layout.grid or (0, 0)
+    p = layout.num_prefix
+    for d, r in enumerate(roles):
+        if r != "n":
+            continue
+        moved = x.movedim(d, -1)
+        lead = moved.shape[:-1]
+        grid = moved[..., p:].reshape(-1, 1, gh, gw)
+        dgrid = fn(grid).reshape(*lead, gh * gw)
+        full = torch.cat([dgrid.new_zeros(*lead, p), dgrid], dim=-1) if p else dgrid
+        out = out + full.movedim(-1, d)
+    return out
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
 
 
 def infer_layout(x: torch.Tensor, model: nn.Module | None = None) -> Layout:
-    """Infer the layout of a model output (or any activation) from its shape and the model.
+    """Infer the layout of a model output (or input) from its shape and the model.
 
     2-D tensors and (B, C, 1, 1) maps are invariant; other 4-D tensors are BCHW; 3-D token tensors
     take their grid from ``model.patch_embed.grid_size`` and prefix count from
@@ -110,7 +199,7 @@ def infer_layout(x: torch.Tensor, model: nn.Module | None = None) -> Layout:
     ValueError
         When the layout cannot be inferred; the message says how to pass it explicitly.
     """
-    if x.dim() == 2 or (x.dim() == 4 and x.shape[-2:] == (1, 1)):
+    if x.dim() <= 2 or (x.dim() == 4 and x.shape[-2:] == (1, 1)):
         return INVARIANT
     if x.dim() == 4:
         return BCHW
@@ -119,7 +208,7 @@ def infer_layout(x: torch.Tensor, model: nn.Module | None = None) -> Layout:
         grid = getattr(pe, "grid_size", None)
         if grid is not None:
             layout = Layout.tokens(tuple(grid), getattr(model, "num_prefix_tokens", 0))
-            if x.shape[1] == layout.num_prefix + layout.grid[0] * layout.grid[1]:
+            if x.shape[1] == layout.num_tokens:
                 return layout
     raise ValueError(
         f"cannot infer the spatial layout of a tensor of shape {tuple(x.shape)}; pass it explicitly, "

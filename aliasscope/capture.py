@@ -1,0 +1,768 @@
+"""Recording every op of a forward pass, in call order, with names, kinds and layouts.
+
+``with record(model) as rec: model(x)`` runs the model under a
+:class:`~torch.overrides.TorchFunctionMode` plus forward hooks on every module, and records:
+
+* every call of a *leaf* module (no children) as one op, named by its module path;
+* every torch call made by non-leaf code between them -- residual adds, position-embedding adds,
+  functional activations, pooling/means, interpolation, token concatenation and slicing, reshapes,
+  attention (``scaled_dot_product_attention``, ``q @ k^T``, softmax) -- named
+  ``"<module path>.<function>"``;
+
+each with ``#k`` appended for the k-th repeat of the same name. Every activation that depends on the
+input gets a :class:`~aliasscope.layouts.Layout`, propagated call by call
+(:mod:`aliasscope.layout_rules`). Where a layout cannot be known (Swin folds spatial windows into
+the batch), the smallest enclosing module call whose inputs and outputs have known layouts is recorded
+as one op instead. Ops on constants only (parameters, buffers) are not ops: a parameter enters the
+analysis where it meets an activation (a position embedding add is where the embedding breaks
+equivariance).
+
+In-place ops (``ReLU(inplace=True)``, ``x += y``, ``x.mul_(g)``) run out of place while recording so
+that recorded activations keep their values; the model's parameters and flags are never touched.
+
+Op kinds (:data:`KINDS`): ``nonlinearity``, ``downsampling``, ``upsampling``, ``normalisation``,
+``attention``, ``patch_embed``, ``position_embed``, ``pooling``, ``linear`` (stride-1 convs, linear
+layers, per-channel scales), ``token_mixing`` (MLPs across tokens, as in MLP-Mixer), ``residual``
+(sums of activations), ``layout`` (reshapes, permutes, slicing, concatenation, dropout in eval),
+``block`` (a module recorded whole) and ``other``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .forward_mode import out_of_place
+from .layout_rules import func_name, propagate
+from .layouts import BCHW, Layout
+
+__all__ = ["KINDS", "OpRecord", "Recording", "record"]
+
+KINDS: dict[str, str] = {
+    "nonlinearity": "pointwise nonlinearities and gating (ReLU, GELU, SiLU, sigmoid gates, x * y)",
+    "downsampling": "strided convolutions and pooling, patch merging, resizing down",
+    "upsampling": "transposed convolutions, resizing up, pixel shuffle",
+    "normalisation": "batch/layer/group/RMS norm",
+    "attention": "self-attention: softmax(q k^T) v, attention modules",
+    "patch_embed": "the patch embedding of a vision transformer or MLP-Mixer",
+    "position_embed": "adding a learned or fixed position embedding to an activation",
+    "pooling": "global pooling, means over space, class-token readout",
+    "linear": "stride-1 convolutions, linear layers, per-channel scales",
+    "token_mixing": "MLPs that mix tokens (MLP-Mixer)",
+    "residual": "sums of two activations (skip connections)",
+    "layout": "reshape, permute, slicing, concatenation, identity, dropout in eval",
+    "block": "a module recorded as one op (its internals have no known layout)",
+    "other": "anything else",
+}
+"""The op taxonomy, with one line each."""
+
+_ZERO_KINDS = {"layout"}
+_NONLINEAR = {
+    "relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "hardtanh",
+    "hardswish",
+    "hardsigmoid",
+    "elu",
+    "leaky_relu",
+    "mish",
+    "softplus",
+    "selu",
+    "celu",
+    "glu",
+    "prelu",
+    "rrelu",
+    "logsigmoid",
+    "softsign",
+    "threshold",
+    "swish",
+    "quick_gelu",
+}
+_NORMS = {
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "rms_norm",
+    "normalize",
+    "local_response_norm",
+}
+_LAYOUT_OPS = {
+    "reshape",
+    "view",
+    "flatten",
+    "unflatten",
+    "view_as",
+    "reshape_as",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "t",
+    "mT",
+    "movedim",
+    "contiguous",
+    "clone",
+    "to",
+    "float",
+    "double",
+    "half",
+    "type",
+    "type_as",
+    "detach",
+    "getitem",
+    "cat",
+    "concat",
+    "concatenate",
+    "stack",
+    "unbind",
+    "select",
+    "split",
+    "chunk",
+    "tensor_split",
+    "expand",
+    "expand_as",
+    "broadcast_to",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "identity",
+    "_unpack_dual",
+    "_make_dual",
+}
+_POOL_REDUCE = {
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "logsumexp",
+    "nanmean",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+}
+_PRECEDENCE = [
+    "attention",
+    "patch_embed",
+    "downsampling",
+    "upsampling",
+    "position_embed",
+    "token_mixing",
+    "nonlinearity",
+    "normalisation",
+    "pooling",
+    "residual",
+    "linear",
+    "other",
+    "layout",
+]
+
+
+@dataclass
+class OpRecord:
+    """One recorded op.
+
+    Attributes
+    ----------
+    index, name, kind, module, op:
+        Position in call order, stable name, kind (:data:`KINDS`), module path it ran in, and the
+        function or module class it is.
+    layout, shape:
+        Layout and shape of its (first) output.
+    in_layouts:
+        Layouts of its inputs that depend on the image.
+    """
+
+    index: int
+    name: str
+    kind: str
+    module: str
+    op: str
+    layout: Layout
+    shape: tuple[int, ...]
+    in_layouts: list[Layout]
+    inputs: list[torch.Tensor] = field(repr=False, default_factory=list)
+    outputs: list[torch.Tensor] = field(repr=False, default_factory=list)
+    out_layouts: list[Layout] = field(repr=False, default_factory=list)
+    replay: Callable[..., Any] | None = field(repr=False, default=None)
+    pointwise_affine: bool = field(repr=False, default=False)
+
+    @property
+    def exactly_equivariant(self) -> bool:
+        """True when its local Lie derivative is 0 by construction (pure layout changes)."""
+        return (
+            self.kind in _ZERO_KINDS
+            and all(lay == self.layout or not lay.is_image_like for lay in self.in_layouts)
+            and self.op != "getitem"
+        )
+
+
+class _Template:
+    """A call's arguments with the image-dependent tensors cut out, to call it again on new ones."""
+
+    def __init__(self, args: tuple, kwargs: dict, dependent: Callable[[torch.Tensor], bool]) -> None:
+        leaves, self.spec = tree_flatten((args, kwargs))
+        self.leaves = list(leaves)
+        self.inputs: list[torch.Tensor] = []
+        self.positions: list[int] = []
+        for pos, leaf in enumerate(self.leaves):
+            if isinstance(leaf, torch.Tensor) and dependent(leaf):
+                k = next((i for i, t in enumerate(self.inputs) if t is leaf), None)
+                if k is None:
+                    self.inputs.append(leaf)
+                    k = len(self.inputs) - 1
+                self.positions.append(pos)
+                self.leaves[pos] = k
+
+    def fill(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
+        for pos in self.positions:
+            leaves[pos] = tensors[self.leaves[pos]]
+        return tree_unflatten(leaves, self.spec)
+
+
+@dataclass
+class _Call:
+    path: str
+    module: nn.Module
+    parent: _Call | None
+    template: _Template
+    unit: bool
+    first_op: int
+    in_layouts: list[Layout | None] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    out_layouts: list[Layout | None] = field(default_factory=list)
+    funcs: list[str] = field(default_factory=list)
+    last_op: int = -1
+    needs_collapse: bool = False
+    mixes_tokens: bool = False
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(obj)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+class Recording:
+    """What :func:`record` saw: the ops in call order, with their layouts and activations."""
+
+    def __init__(
+        self, model: nn.Module, input_layout: Layout, layouts: dict[str, Layout], units: Sequence[str]
+    ):
+        self.model = model
+        self.input_layout = input_layout
+        self.overrides = dict(layouts)
+        self.unit_patterns = list(units)
+        self.ops: list[OpRecord] = []
+        self.input: torch.Tensor | None = None
+        self.output: Any = None
+        self._slots: dict[int, tuple[torch.Tensor, Layout | None]] = {}
+        self._stack: list[_Call] = []
+        self._unit: _Call | None = None
+        self._calls: list[_Call] = []
+        self._counts: dict[str, int] = {}
+        self._module_counts: dict[int, int] = {}
+        self._paths = {id(m): name for name, m in model.named_modules()}
+
+    # -- queries --------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Op names in call order."""
+        return [op.name for op in self.ops]
+
+    @property
+    def kinds(self) -> list[str]:
+        """Op kinds in call order."""
+        return [op.kind for op in self.ops]
+
+    def layout_of(self, t: torch.Tensor) -> Layout | None:
+        """Layout of an activation seen during the recording (None: constant or unknown)."""
+        slot = self._slots.get(id(t))
+        return None if slot is None else slot[1]
+
+    def depends(self, t: torch.Tensor) -> bool:
+        """True for activations that depend on the recorded input."""
+        return id(t) in self._slots
+
+    def select(self, select: str | Sequence[str] | Callable[[OpRecord], bool] | None) -> list[int]:
+        """Indices of ops matching ``select``: glob patterns on names or kind names, or a predicate."""
+        if select is None:
+            return list(range(len(self.ops)))
+        if callable(select):
+            return [i for i, op in enumerate(self.ops) if select(op)]
+        pats = [select] if isinstance(select, str) else list(select)
+        return [
+            i
+            for i, op in enumerate(self.ops)
+            if any(op.kind == p or fnmatch.fnmatchcase(op.name, p) for p in pats)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __iter__(self) -> Iterator[OpRecord]:
+        return iter(self.ops)
+
+    def __repr__(self) -> str:
+        return f"Recording({len(self.ops)} ops)"
+
+    # -- bookkeeping used by the mode and hooks -------------------------------------------------
+    def _register(self, t: torch.Tensor, layout: Layout | None) -> None:
+        self._slots[id(t)] = (t, layout)
+
+    def start(self, x: torch.Tensor) -> None:
+        self.input = x
+        self._register(x, self.input_layout)
+
+    def _unique_name(self, base: str) -> str:
+        k = self._counts.get(base, 0)
+        self._counts[base] = k + 1
+        return base if k == 0 else f"{base}#{k}"
+
+    def _is_unit(self, module: nn.Module, path: str) -> bool:
+        if any(fnmatch.fnmatchcase(path, p) or type(module).__name__ == p for p in self.unit_patterns):
+            return True
+        return next(module.children(), None) is None
+
+    def on_module_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        path = self._paths.get(id(module), type(module).__name__)
+        parent = self._stack[-1] if self._stack else None
+        template = _Template(args, kwargs, self.depends)
+        mixes = self._unit is None and self._mixes_tokens(module, template)
+        unit = self._unit is None and (self._is_unit(module, path) or mixes)
+        call = _Call(path, module, parent, template, unit, len(self.ops), mixes_tokens=mixes)
+        call.in_layouts = [self.layout_of(t) for t in template.inputs]
+        self._stack.append(call)
+        self._calls.append(call)
+        if unit:
+            self._unit = call
+
+    def _mixes_tokens(self, module: nn.Module, template: _Template) -> bool:
+        """A container whose Linear layers act along a spatial dimension (an MLP across tokens)."""
+        if not template.inputs or not any(isinstance(m, nn.Linear) for m in module.children()):
+            return False
+        lay = self.layout_of(template.inputs[0])
+        return lay is not None and lay.roles is not None and lay.roles[-1] == "n"
+
+    def on_module_end(self, module: nn.Module, output: Any) -> None:
+        call = self._stack.pop()
+        if module is self.model and not self._stack:
+            self.output = output
+        outs = [t for t in _tensors(output) if self.depends(t) or t.is_floating_point()]
+        layouts = []
+        for t in outs:
+            lay = self.overrides.get(call.path, self.layout_of(t))
+            if call.mixes_tokens and lay is not None:
+                lay = self._boundary_layout(call, t) or lay  # an MLP across tokens keeps its input layout
+            elif lay is None:
+                lay = self._boundary_layout(call, t)
+                call.needs_collapse = lay is not None or call.needs_collapse
+            layouts.append(lay)
+            if self.depends(t) or call.template.inputs:
+                self._register(t, lay)
+        call.outputs, call.out_layouts = outs, layouts
+        call.last_op = len(self.ops)
+        if call is self._unit:
+            self._unit = None
+            count = self._module_counts.get(id(module), 0)
+            self._module_counts[id(module)] = count + 1
+            name = call.path if count == 0 else f"{call.path}#{count}"
+            self._add_module_op(call, name, _kind_of_unit(call))
+
+    def _boundary_layout(self, call: _Call, t: torch.Tensor) -> Layout | None:
+        """An output layout from the module's input when the inside gave none: a module that keeps
+        the shape keeps the layout; a map in, a map out (patch merging) keeps the roles; a (B, C)
+        output is pooled features or logits. Only when every input layout is known."""
+        if not call.in_layouts or any(lay is None for lay in call.in_layouts):
+            return None
+        lay, first = call.in_layouts[0], call.template.inputs[0]
+        batch = self.input.shape[0] if self.input is not None else first.shape[0]
+        if t.shape == first.shape:
+            return lay
+        if lay.kind in ("bchw", "bhwc") and t.dim() == 4 and t.shape[0] == batch:
+            return lay
+        if t.dim() == 2 and t.shape[0] == batch:
+            return Layout(("b", "c"))
+        return None
+
+    def _add_module_op(self, call: _Call, name: str, kind: str) -> None:
+        module, template = call.module, call.template
+
+        def replay(*xs: torch.Tensor) -> Any:
+            args, kwargs = template.fill(xs)
+            return module(*args, **kwargs)
+
+        self._append(
+            name,
+            kind,
+            call.path,
+            type(module).__name__,
+            template.inputs,
+            call.in_layouts,
+            call.outputs,
+            call.out_layouts,
+            replay,
+            affine=_is_eval_batchnorm(module),
+        )
+
+    def _append(
+        self, name, kind, module, op, inputs, in_layouts, outputs, out_layouts, replay, affine=False
+    ) -> None:
+        outs = [(t, lay) for t, lay in zip(outputs, out_layouts, strict=True) if t.is_floating_point()]
+        first = outs[0] if outs else (None, None)
+        self.ops.append(
+            OpRecord(
+                index=len(self.ops),
+                name=name,
+                kind=kind,
+                module=module,
+                op=op,
+                layout=first[1],
+                shape=tuple(first[0].shape) if first[0] is not None else (),
+                in_layouts=list(in_layouts),
+                inputs=list(inputs),
+                outputs=[t for t, _ in outs],
+                out_layouts=[lay for _, lay in outs],
+                replay=replay,
+                pointwise_affine=affine,
+            )
+        )
+
+    def on_call(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        template = _Template(args, kwargs, self.depends)
+        if not template.inputs:
+            return
+        outs = _tensors(out)
+        if not outs:
+            return
+        name = func_name(func)
+        in_layouts = [self.layout_of(t) for t in template.inputs]
+        all_inputs = _tensors((args, kwargs))
+        deps = [self.depends(t) for t in all_inputs]
+        lays = [self.layout_of(t) for t in all_inputs]
+        out_layouts = propagate(func, args, kwargs, all_inputs, lays, deps, outs)
+        for t, lay in zip(outs, out_layouts, strict=True):
+            self._register(t, lay)
+        if self._unit is not None:
+            self._unit.funcs.append(name)
+            return
+        path = self._stack[-1].path if self._stack else "(output)"
+        kind = _kind_of_call(name, func, args, kwargs, all_inputs, deps, lays, outs, out_layouts, path)
+
+        def replay(*xs: torch.Tensor) -> Any:
+            a, k = template.fill(xs)
+            return func(*a, **k)
+
+        affine = name == "batch_norm" and not _arg_training(args, kwargs)
+        base = f"{path}.{name}" if path else name
+        self._append(
+            self._unique_name(base),
+            kind,
+            path,
+            name,
+            template.inputs,
+            in_layouts,
+            outs,
+            out_layouts,
+            replay,
+            affine=affine,
+        )
+
+    # -- after the forward: collapse regions whose layouts are unknown ---------------------------
+    def finish(self, output: Any) -> None:
+        self.output = output
+        bad_ops = [op for op in self.ops if _unknown(op)]
+        collapse: dict[int, _Call] = {}
+        for call in self._calls:
+            if call.needs_collapse and not call.unit:
+                collapse[id(call)] = call
+        for op in bad_ops:
+            call = self._innermost_call(op.index)
+            while call is not None and (
+                any(lay is None for lay in call.in_layouts) or any(lay is None for lay in call.out_layouts)
+            ):
+                call = call.parent
+            if call is None or call.parent is None:
+                raise ValueError(
+                    f"cannot infer the layout of the tensors of op {op.name!r} ({op.op}, output shape "
+                    f"{op.shape}) nor of any module around it; pass layouts={{'<module path>': Layout(...)}} "
+                    "for the module that produces it, or units=['<module path>'] to record a module whole"
+                )
+            collapse[id(call)] = call
+        if not collapse:
+            return
+        # keep only outermost collapsed calls, then rebuild the op list
+        chosen = [c for c in collapse.values() if not any(id(a) in collapse for a in _ancestors(c))]
+        chosen.sort(key=lambda c: c.first_op)
+        new_ops: list[OpRecord] = []
+        i = 0
+        for call in chosen:
+            new_ops.extend(self.ops[i : call.first_op])
+            count = self._module_counts.get(id(call.module), 0)
+            self._module_counts[id(call.module)] = count + 1
+            name = call.path if count == 0 else f"{call.path}#{count}"
+            saved, self.ops = self.ops, new_ops
+            self._add_module_op(call, name, _kind_of_collapsed(call, saved[call.first_op : call.last_op]))
+            self.ops = saved
+            i = call.last_op
+        new_ops.extend(self.ops[i:])
+        for k, op in enumerate(new_ops):
+            op.index = k
+        self.ops = new_ops
+
+    def _innermost_call(self, op_index: int) -> _Call | None:
+        best = None
+        for call in self._calls:
+            if call.first_op <= op_index < call.last_op and not call.unit:
+                if best is None or call.first_op >= best.first_op and call.last_op <= best.last_op:
+                    best = call
+        return best
+
+
+def _is_eval_batchnorm(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and not module.training
+        and module.track_running_stats
+        and module.running_mean is not None
+    )
+
+
+def _arg_training(args: tuple, kwargs: dict) -> bool:
+    """The ``training`` flag of an ``F.batch_norm`` call."""
+    return bool(kwargs.get("training", args[5] if len(args) > 5 else False))
+
+
+def _ancestors(call: _Call) -> Iterator[_Call]:
+    p = call.parent
+    while p is not None:
+        yield p
+        p = p.parent
+
+
+def _unknown(op: OpRecord) -> bool:
+    return any(lay is None for lay in op.in_layouts) or any(lay is None for lay in op.out_layouts)
+
+
+def _stride_gt_one(args: tuple, kwargs: dict, index: int, default: Any = 1) -> bool:
+    stride = kwargs.get("stride", args[index] if len(args) > index else default)
+    if stride is None or (isinstance(stride, list | tuple) and not stride):
+        stride = kwargs.get("kernel_size", args[1] if len(args) > 1 else 1)  # pooling: stride = kernel
+    stride = (stride,) if isinstance(stride, int) else tuple(stride)
+    return any(s > 1 for s in stride)
+
+
+def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_layouts, path) -> str:
+    if "patch_embed" in path:
+        return "patch_embed"
+    if name in _NONLINEAR:
+        return "nonlinearity"
+    if name in _NORMS:
+        return "normalisation"
+    if name == "scaled_dot_product_attention" or (name in ("matmul", "bmm", "einsum") and sum(deps) > 1):
+        return "attention"
+    if name in ("softmax", "log_softmax"):
+        lay = next((lay for lay, d in zip(layouts, deps, strict=True) if d), None)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+        if lay is not None and lay.roles is not None and lay.roles[dim] == "n":
+            return "attention"
+        return "nonlinearity" if path != "(output)" else "other"
+    if name in ("conv1d", "conv2d", "conv3d"):
+        return "downsampling" if _stride_gt_one(args, kwargs, 3) else "linear"
+    if name in ("avg_pool2d", "max_pool2d", "lp_pool2d", "max_pool2d_with_indices"):
+        return "downsampling" if _stride_gt_one(args, kwargs, 2, default=None) else "pooling"
+    if name in ("interpolate", "upsample", "upsample_bilinear", "upsample_nearest"):
+        return "upsampling" if outs[0].shape[-1] > inputs[0].shape[-1] else "downsampling"
+    if name in ("conv_transpose2d", "pixel_shuffle"):
+        return "upsampling"
+    if name == "pixel_unshuffle":
+        return "downsampling"
+    in_lay = next((lay for lay, d in zip(layouts, deps, strict=True) if d), None)
+    if name in _POOL_REDUCE:
+        return (
+            "pooling"
+            if in_lay is not None
+            and in_lay.is_image_like
+            and not (out_layouts[0] is not None and out_layouts[0].is_image_like)
+            else "other"
+        )
+    if name == "getitem":
+        if (
+            in_lay is not None
+            and in_lay.is_image_like
+            and out_layouts[0] is not None
+            and (not out_layouts[0].is_image_like)
+        ):
+            return "pooling"
+        return "layout"
+    if name in ("add", "sub"):
+        if sum(deps) > 1:
+            return "residual"
+        const = [t for t, d in zip(inputs, deps, strict=True) if not d]
+        if (
+            in_lay is not None
+            and in_lay.is_image_like
+            and any(_spatial_extent(c, in_lay, outs[0]) for c in const)
+        ):
+            return "position_embed"
+        return "linear"
+    if name in ("mul", "div", "true_divide"):
+        return "nonlinearity" if sum(deps) > 1 else "linear"
+    if name == "linear":
+        return "linear"
+    if name in _LAYOUT_OPS:
+        return "layout"
+    return "other"
+
+
+def _spatial_extent(const: torch.Tensor, layout: Layout, out: torch.Tensor) -> bool:
+    """Does a constant vary along the activation's spatial dims (a position embedding)?"""
+    nd = out.dim()
+    shape = (1,) * (nd - const.dim()) + tuple(const.shape)
+    return any(r in ("h", "w", "n") and shape[d] > 1 for d, r in enumerate(layout.roles or ()))
+
+
+def _kind_of_unit(call: _Call) -> str:
+    path, cls = call.path, type(call.module).__name__.lower()
+    if "patch_embed" in path or "patchembed" in cls:
+        return "patch_embed"
+    if "attn" in path.rsplit(".", 1)[-1] or "attention" in cls:
+        return "attention"
+    if call.mixes_tokens:
+        return "token_mixing"
+    if isinstance(call.module, nn.modules.conv._ConvNd) or "conv" in cls:
+        stride = getattr(call.module, "stride", 1)
+        stride = (stride,) if isinstance(stride, int) else stride
+        return "downsampling" if any(s > 1 for s in stride) else "linear"
+    if isinstance(call.module, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd):
+        stride = call.module.stride
+        stride = (stride,) if isinstance(stride, int) else stride
+        return "downsampling" if any(s > 1 for s in stride) else "pooling"
+    if isinstance(call.module, nn.modules.pooling._AdaptiveAvgPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd):
+        return "pooling"
+    if "merg" in cls or "downsample" in path.rsplit(".", 1)[-1]:
+        return "downsampling"
+    if "pool" in cls:
+        return "pooling"
+    if "norm" in cls or any(f in _NORMS for f in call.funcs):
+        return "normalisation"
+    if isinstance(call.module, nn.Linear):
+        return "linear"
+    kinds = {_kind_of_name(f) for f in call.funcs}
+    for k in _PRECEDENCE:
+        if k in kinds:
+            return k
+    return "layout" if not call.funcs or all(f in _LAYOUT_OPS for f in call.funcs) else "other"
+
+
+def _kind_of_name(name: str) -> str:
+    if name in _NONLINEAR:
+        return "nonlinearity"
+    if name in _NORMS:
+        return "normalisation"
+    if name in ("scaled_dot_product_attention",):
+        return "attention"
+    if name in ("conv1d", "conv2d", "conv3d", "linear"):
+        return "linear"
+    if name in _LAYOUT_OPS:
+        return "layout"
+    return "other"
+
+
+def _kind_of_collapsed(call: _Call, ops: Sequence[OpRecord]) -> str:
+    kind = _kind_of_unit(call)
+    if kind not in ("layout", "other", "nonlinearity", "normalisation", "linear"):
+        return kind
+    kinds = {op.kind for op in ops}
+    if "attention" in kinds:
+        return "attention"
+    if "downsampling" in kinds and len(ops) < 12:
+        return "downsampling"
+    return "block"
+
+
+class _RecordMode(TorchFunctionMode):
+    def __init__(self, rec: Recording) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        func, args, kwargs = out_of_place(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.rec.on_call(func, args, kwargs, out)
+        return out
+
+
+@contextmanager
+def record(
+    model: nn.Module,
+    *,
+    input_layout: Layout = BCHW,
+    layouts: dict[str, Layout] | None = None,
+    units: Sequence[str] = (),
+) -> Iterator[Recording]:
+    """Record every op of the forward passes run inside the block.
+
+    Parameters
+    ----------
+    model:
+        The model; hooks are added to its modules for the block's duration and always removed.
+    input_layout:
+        Layout of the first tensor argument of the model's forward.
+    layouts:
+        Override the output layout of modules, by module path (for custom models whose layouts
+        cannot be inferred).
+    units:
+        Module paths (glob patterns) or class names to record as a single op each.
+
+    Examples
+    --------
+    >>> with record(model) as rec:            # doctest: +SKIP
+    ...     model(x)
+    >>> [(op.name, op.kind, str(op.layout)) for op in rec][:3]  # doctest: +SKIP
+    """
+    rec = Recording(model, input_layout, layouts or {}, units)
+    handles = []
+    started = [False]
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is model and not started[0]:
+            started[0] = True
+            tensors = _tensors(args)
+            if not tensors:
+                raise ValueError("the model's forward got no tensor input to record")
+            rec.start(tensors[0])
+        rec.on_module_start(module, args, kwargs)
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if rec._stack and rec._stack[-1].module is module:
+            rec.on_module_end(module, output)
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+    try:
+        with _RecordMode(rec):
+            yield rec
+    finally:
+        for h in handles:
+            h.remove()
+    if not started[0]:
+        raise ValueError("nothing was recorded: call the model inside the `with record(model)` block")
+    rec.finish(rec.output)

@@ -1,0 +1,366 @@
+"""Exact attribution of a Lie derivative to the ops of a network, by the chain rule.
+
+Write the network as ops ``h_out = f_i(h_in)``. Each op's *local* Lie derivative is
+
+    v_i = J_{f_i}(h_in) . (D h_in) - D h_out
+
+(``D``: the generator in that tensor's layout, 0 on invariant tensors). Writing ``e_h = dh - D h``
+for the equivariance error carried by an activation, ``e_out = v_i + J_{f_i} e_in``, and ``e = 0`` at
+the input, so the total telescopes:
+
+    L_X F(x) = sum_i J_{>i} . v_i
+
+where ``J_{>i}`` is the Jacobian of the rest of the network with respect to op i's output. For a
+scalar target ``T`` (a class logit or probability per image) each op's contribution is the number
+``c_i = <dT/dh_out_i, v_i>``: one recorded forward, one local jvp per op and ONE backward give all of
+them, and the same backward gives the total independently of the ops, as
+``<dT/dx, D x> - <dT/dF, D F>``. ``completeness_error`` compares the two: it is zero to float
+precision when every op and every layout is right.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .borrow import borrowed, check_images
+from .capture import KINDS, OpRecord, record
+from .forward_mode import jvp
+from .generators import apply_generator, get_generator
+from .layouts import Layout, infer_layout
+from .lie import Output, _output_fn
+from .transforms import get_transform
+
+__all__ = ["decompose", "Decomposition", "local_lie_derivative"]
+
+Target = int | Sequence[int] | torch.Tensor | str | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Decomposition:
+    """Per-op contributions to the Lie derivative of a scalar target, with a completeness check.
+
+    Attributes
+    ----------
+    names, kinds, layouts, shapes:
+        Per op, in call order (see :mod:`aliasscope.capture`).
+    values:
+        (num_ops, B): the signed contribution ``<dT/dh_out, v_i>`` of each op, per image.
+    total:
+        (B,): the Lie derivative of the target, computed from the input and output alone.
+    unattributed:
+        (B,): ``total - values.sum(0)``: what the listed ops do not account for (ops left out by
+        ``select``, and any error).
+    completeness_error:
+        ``||total - sum over all recorded ops|| / ||total||``: 0 to float precision when exact.
+    maps:
+        With ``keep_maps=True``: per op, the elementwise product ``dT/dh_out * v_i`` (shaped like the
+        op's output), whose sum over non-batch dims is its value.
+    """
+
+    names: list[str]
+    kinds: list[str]
+    layouts: list[str]
+    shapes: list[tuple[int, ...]]
+    values: torch.Tensor
+    total: torch.Tensor
+    unattributed: torch.Tensor
+    completeness_error: float
+    transform: str
+    generator: str
+    output: str
+    target: str
+    maps: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_ops(self) -> int:
+        """Number of listed ops."""
+        return len(self.names)
+
+    def shares(self) -> torch.Tensor:
+        """Per op, its share of the attribution: ``sum_images |c_i| / sum_ops sum_images |c|``."""
+        mag = self.values.abs().sum(1)
+        return mag / mag.sum().clamp_min(1e-300)
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """One row per op: order, name, kind, layout, shape, mean over images, share."""
+        shares = self.shares().tolist()
+        means = self.values.mean(1).tolist()
+        return [
+            {
+                "order": i,
+                "name": n,
+                "kind": k,
+                "layout": lay,
+                "shape": "x".join(map(str, s)),
+                "mean": m,
+                "share": sh,
+            }
+            for i, (n, k, lay, s, m, sh) in enumerate(
+                zip(self.names, self.kinds, self.layouts, self.shapes, means, shares, strict=True)
+            )
+        ]
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Per op kind: summed signed contribution (mean over images), share, and op count."""
+        shares = self.shares()
+        out: dict[str, dict[str, float]] = {}
+        for i, kind in enumerate(self.kinds):
+            row = out.setdefault(kind, {"mean": 0.0, "share": 0.0, "ops": 0})
+            row["mean"] += self.values[i].mean().item()
+            row["share"] += shares[i].item()
+            row["ops"] += 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]["share"]))
+
+    def top(self, k: int = 10) -> list[dict[str, Any]]:
+        """The ``k`` ops with the largest share."""
+        return sorted(self.table, key=lambda r: -r["share"])[:k]
+
+    def summary(self, k: int = 10) -> str:
+        """A text table: completeness, shares by kind and the top ``k`` ops."""
+        lines = [
+            f"Lie derivative decomposition: {self.transform}, {self.generator} generator, "
+            f"target {self.target}, {self.values.shape[1]} images, {self.num_ops} ops",
+            f"total (mean over images) {self.total.mean().item():+.4e}; completeness error "
+            f"{self.completeness_error:.2e}; unattributed (mean) {self.unattributed.mean().item():+.3e}",
+            "share by kind:",
+        ]
+        for kind, row in self.by_kind().items():
+            lines.append(f"  {kind:<15} {100 * row['share']:6.2f}%  ({row['ops']} ops)")
+        lines.append(f"top {k} ops:")
+        for r in self.top(k):
+            lines.append(f"  {100 * r['share']:6.2f}%  {r['mean']:+.3e}  {r['kind']:<13} {r['name']}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_csv(self, path: str | None = None) -> str:
+        """:attr:`table` as CSV (written to ``path`` if given)."""
+        buf = io.StringIO()
+        rows = self.table
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["order"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings, checks, shares by kind and per-op rows as plain Python types."""
+        return {
+            "transform": self.transform,
+            "generator": self.generator,
+            "output": self.output,
+            "target": self.target,
+            "num_images": int(self.values.shape[1]),
+            "num_ops": self.num_ops,
+            "total": self.total.tolist(),
+            "unattributed": self.unattributed.tolist(),
+            "completeness_error": self.completeness_error,
+            "by_kind": self.by_kind(),
+            "ops": self.table,
+            **self.extra,
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        """:meth:`to_dict` as JSON (written to ``path`` if given)."""
+        text = json.dumps(
+            self.to_dict(), indent=2, default=lambda o: None if isinstance(o, float) else str(o)
+        )
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+
+def local_lie_derivative(op: OpRecord, transform: str, generator: str) -> list[torch.Tensor]:
+    """``v = J_f(h_in) . D h_in - D h_out`` for each output of a recorded op."""
+    tangents = tuple(
+        apply_generator(h, transform, generator, lay) for h, lay in zip(op.inputs, op.in_layouts, strict=True)
+    )
+    with torch.no_grad():
+        _, jout = jvp(op.replay, tuple(op.inputs), tangents)
+    flat = [t for t in _flatten(jout) if t.is_floating_point()]
+    if len(flat) != len(op.outputs):
+        raise RuntimeError(
+            f"op {op.name!r} gave {len(flat)} outputs on replay, {len(op.outputs)} when recorded"
+        )
+    return [
+        j - apply_generator(h, transform, generator, lay)
+        for j, h, lay in zip(flat, op.outputs, op.out_layouts, strict=True)
+    ]
+
+
+def _flatten(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for o in obj for t in _flatten(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _flatten(o)]
+    return []
+
+
+def _batch_dim(layout: Layout) -> int:
+    roles = layout.roles
+    return 0 if roles is None or "b" not in roles else roles.index("b")
+
+
+def _per_image(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    b = _batch_dim(layout)
+    return t.movedim(b, 0).flatten(1).sum(1) if t.dim() > 1 else t
+
+
+def _is_zero_by_construction(op: OpRecord) -> bool:
+    """Ops whose local Lie derivative vanishes identically: pure layout changes, eval-mode BatchNorm
+    (a per-channel affine map commutes with D, and D of its constant bias is 0)."""
+    return op.exactly_equivariant or (op.pointwise_affine and all(lay == op.layout for lay in op.in_layouts))
+
+
+def _target_values(f: torch.Tensor, target: Target) -> tuple[torch.Tensor, str]:
+    if callable(target) and not isinstance(target, torch.Tensor):
+        t = target(f)
+        if t.shape != (f.shape[0],):
+            raise ValueError(
+                f"a target callable must return one scalar per image, shape ({f.shape[0]},), "
+                f"got {tuple(t.shape)}"
+            )
+        return t, getattr(target, "__name__", "callable")
+    if f.dim() != 2:
+        raise ValueError(f"a class target needs (B, classes) outputs, got {tuple(f.shape)}; pass a callable")
+    if isinstance(target, str):
+        if target != "pred":
+            raise ValueError(f"unknown target {target!r}: use a class index, 'pred' or a callable")
+        idx = f.detach().argmax(1)
+        return f.gather(1, idx[:, None])[:, 0], "pred"
+    idx = torch.as_tensor(target, device=f.device).long()
+    if idx.dim() == 0:
+        idx = idx.expand(f.shape[0])
+    if idx.shape != (f.shape[0],) or (idx < 0).any() or (idx >= f.shape[1]).any():
+        raise ValueError(
+            f"target must be a class index in [0, {f.shape[1]}) or one per image, got {target!r}"
+        )
+    desc = str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
+    return f.gather(1, idx[:, None])[:, 0], desc
+
+
+def decompose(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str,
+    *,
+    target: Target = "pred",
+    output: Output = "logits",
+    method: str = "exact",
+    generator: str = "central",
+    select: str | Sequence[str] | Callable[[OpRecord], bool] | None = None,
+    layouts: dict[str, Layout] | None = None,
+    units: Sequence[str] = (),
+    keep_maps: bool = False,
+    progress: bool = False,
+) -> Decomposition:
+    """Attribute the Lie derivative of ``T = target(output(model(x)))`` to every op of the model.
+
+    Parameters
+    ----------
+    model, images, transform, output, generator:
+        As in :func:`aliasscope.lie.lie_derivative`.
+    target:
+        A class index (int, or one per image), ``"pred"`` (each image's top class, the default), or a
+        callable mapping the (B, ...) output to (B,) scalars.
+    method:
+        ``"exact"`` (the chain rule above).
+    select:
+        Which ops to list (glob patterns on names or kind names, or a predicate); the others are
+        still computed and their sum is reported in ``unattributed``.
+    layouts, units:
+        Passed to :func:`aliasscope.capture.record` for custom models.
+    keep_maps:
+        Keep each op's elementwise contribution map ``dT/dh_out * v_i``.
+    progress:
+        Show a tqdm bar over ops.
+    """
+    get_transform(transform)
+    get_generator(generator)
+    if method != "exact":
+        raise ValueError(f"unknown method {method!r}; valid: 'exact'")
+    if target is None:
+        raise NotImplementedError(
+            "target=None (the whole softmax vector) is not implemented yet; "
+            "pass a class index, 'pred' or a callable"
+        )
+    images = check_images(images, model)
+    head = _output_fn(output)
+    with borrowed(model):
+        x = images.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            with record(model, layouts=layouts, units=units) as rec:
+                y = model(x)
+                if not isinstance(y, torch.Tensor):
+                    raise TypeError(f"the model returned a {type(y).__name__}, not a tensor")
+                f = head(y) if head is not None else y
+            tvals, tdesc = _target_values(f, target)
+            f_layout = rec.layout_of(f) or infer_layout(f, model)
+            outs = [t for op in rec.ops for t in op.outputs]
+            wanted = [x, f, *outs]
+            need = [t for t in wanted if t.requires_grad]
+            grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
+        by_id = {id(t): g for t, g in zip(need, grads, strict=True)}
+
+        def grad_of(t: torch.Tensor) -> torch.Tensor:
+            g = by_id.get(id(t))
+            return torch.zeros_like(t) if g is None else g
+
+        with torch.no_grad():
+            dx = apply_generator(x.detach(), transform, generator, rec.input_layout)
+            total = _per_image(grad_of(x) * dx, rec.input_layout)
+            if f_layout.is_image_like:
+                total = total - _per_image(
+                    grad_of(f) * apply_generator(f.detach(), transform, generator, f_layout), f_layout
+                )
+            values = torch.zeros(len(rec.ops), x.shape[0], dtype=torch.float64)
+            maps: dict[str, torch.Tensor] = {}
+            for i, op in enumerate(tqdm(rec.ops, desc="local Lie derivatives", disable=not progress)):
+                if _is_zero_by_construction(op):
+                    continue
+                vs = local_lie_derivative(op, transform, generator)
+                for k, (v, h, lay) in enumerate(zip(vs, op.outputs, op.out_layouts, strict=True)):
+                    contrib = grad_of(h) * v
+                    values[i] += _per_image(contrib, lay).double().cpu()
+                    if keep_maps and k == 0:
+                        maps[op.name] = contrib.detach()
+    total = total.double().cpu()
+    summed = values.sum(0)
+    err = ((total - summed).norm() / total.norm().clamp_min(1e-300)).item()
+    keep = rec.select(select)
+    kept = values[keep]
+    return Decomposition(
+        names=[rec.ops[i].name for i in keep],
+        kinds=[rec.ops[i].kind for i in keep],
+        layouts=[str(rec.ops[i].layout) for i in keep],
+        shapes=[rec.ops[i].shape for i in keep],
+        values=kept,
+        total=total,
+        unattributed=total - kept.sum(0),
+        completeness_error=err if math.isfinite(err) else float("nan"),
+        transform=transform,
+        generator=generator,
+        output=output if isinstance(output, str) else "custom",
+        target=tdesc,
+        maps={k: v for k, v in maps.items() if k in {rec.ops[i].name for i in keep}} if keep_maps else None,
+        extra={"kinds_doc": {k: KINDS[k] for k in sorted(set(rec.kinds))}, "recording": repr(rec)},
+    )

@@ -1,0 +1,207 @@
+"""Exact decomposition: completeness on every family, agreement with finite differences, results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import timm
+import torch
+from conftest import IMAGENET_SAMPLE, random_images, smooth_cnn
+from torch import nn
+
+from aliasscope.capture import record
+from aliasscope.decompose import decompose, local_lie_derivative
+from aliasscope.generators import apply_generator
+from aliasscope.lie import lie_derivative
+from aliasscope.resample import resample
+
+# the issue's model list, at sizes CI can afford (random init; heads re-initialised where timm zeroes them)
+FAMILIES = {
+    "resnet50": ({}, 64),
+    "convnext_tiny": ({}, 64),
+    "vit_small_patch16_224": ({"img_size": 64}, 64),
+    "deit_tiny_distilled_patch16_224": ({"img_size": 64}, 64),
+    "mixer_b16_224": ({"img_size": 64}, 64),
+    "swin_tiny_patch4_window7_224": ({"img_size": 64, "window_size": 2}, 64),
+    "efficientnet_b0": ({}, 64),
+    "mobilenetv3_large_100": ({}, 64),
+    "regnety_008": ({}, 64),
+}
+
+
+def _model(name: str, dtype: torch.dtype) -> nn.Module:
+    kwargs, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear) and head.weight.abs().max() == 0:
+        nn.init.normal_(head.weight, std=0.02)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_completeness_on_every_family(name: str, dtype: torch.dtype, tol: float) -> None:
+    model = _model(name, dtype)
+    size = FAMILIES[name][1]
+    x = torch.randn(2, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    for transform in ("translate_x", "rotate", "scale"):
+        d = decompose(model, x, transform, target="pred", output="softmax")
+        assert d.completeness_error <= tol, (transform, d.completeness_error)
+        assert (d.unattributed.abs() <= 0.01 * d.total.abs()).all()
+        assert d.num_ops > 20 or name.startswith("swin")
+
+
+@pytest.mark.slow
+def test_completeness_on_pretrained_lite0_and_real_photos() -> None:
+    from aliasscope.data import load_images
+    from aliasscope.models import load_model
+
+    model, preprocess = load_model("tf_efficientnet_lite0")
+    source = IMAGENET_SAMPLE / "labels.csv" if IMAGENET_SAMPLE.exists() else None
+    batch = (
+        load_images(source, preprocess, every=500, limit=2)
+        if source
+        else load_images(None, preprocess, limit=2)
+    )
+    for transform in ("translate_x", "rotate", "scale"):
+        d = decompose(model, batch.images, transform, target="pred", output="softmax")
+        ref = lie_derivative(model, batch.images, transform, output="softmax")
+        pred = model(batch.images).argmax(1)
+        torch.testing.assert_close(d.total.float(), ref.gather(1, pred[:, None])[:, 0], rtol=1e-3, atol=1e-7)
+        assert d.completeness_error <= 1e-4
+        assert {"nonlinearity", "downsampling", "linear"} <= set(d.kinds)
+
+
+@pytest.mark.parametrize("output", ["logits", "softmax", "log_softmax"])
+@pytest.mark.parametrize("target", [3, [1, 4], "pred"])
+def test_total_equals_the_end_to_end_lie_derivative(output: str, target) -> None:
+    net, x = smooth_cnn(), random_images(2, 3, 20, 24)
+    d = decompose(net, x, "rotate", target=target, output=output)
+    full = lie_derivative(net, x, "rotate", output=output)
+    idx = net(x).argmax(1) if target == "pred" else torch.as_tensor(target).expand(2)
+    torch.testing.assert_close(d.total, full.gather(1, idx[:, None])[:, 0].double(), rtol=1e-10, atol=1e-14)
+    assert d.completeness_error < 1e-12
+
+
+def test_callable_target_and_image_like_output() -> None:
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 2, 3, stride=2, padding=1)
+    ).double()
+    x = random_images(2, 3, 12, 12)
+
+    def energy(f: torch.Tensor) -> torch.Tensor:
+        return (f**2).sum((1, 2, 3))
+
+    d = decompose(net, x, "translate_y", target=energy)
+    lie = lie_derivative(net, x, "translate_y")  # image-like output: J D x - D F
+    expected = (2 * net(x) * lie).sum((1, 2, 3))
+    torch.testing.assert_close(d.total, expected, rtol=1e-10, atol=1e-14)
+    assert d.completeness_error < 1e-12
+
+
+def _fd_local(op, transform: str, eps: float = 1e-6) -> torch.Tensor:
+    """rho(-t) f(rho(t) h) differentiated at 0 by resampling (BCHW ops)."""
+
+    def g(t: float) -> torch.Tensor:
+        out = op.replay(*(resample(h, transform, t) for h in op.inputs))
+        return resample(out, transform, -t)
+
+    return (g(eps) - g(-eps)) / (2 * eps)
+
+
+@pytest.mark.parametrize("transform", ["translate_x", "rotate", "scale"])
+def test_local_lie_derivatives_match_finite_differences(transform: str) -> None:
+    net, x = smooth_cnn(), random_images(2, 3, 16, 16)
+    with torch.no_grad(), record(net) as rec:
+        net(x)
+    checked = 0
+    for op in rec:
+        if op.layout.kind == "bchw" and all(lay.kind == "bchw" for lay in op.in_layouts):
+            (v,) = local_lie_derivative(op, transform, "central")
+            scale = apply_generator(op.outputs[0], transform).norm()  # v is 0 for BatchNorm: compare to D h
+            assert (v - _fd_local(op, transform)).norm() <= 1e-4 * scale, op.name
+            checked += 1
+    assert checked >= 4
+
+
+def test_contributions_match_finite_differences_of_the_target() -> None:
+    """c_i = <dT/dh_i, v_i>, with v_i by finite differences and the gradient by autograd."""
+    net, x = smooth_cnn(), random_images(2, 3, 16, 16)
+    d = decompose(net, x, "rotate", target=1, keep_maps=True)
+    with torch.no_grad(), record(net) as rec:
+        net(x)
+    for op in rec:
+        if op.name not in ("0", "2", "3") or op.name not in d.names:
+            continue
+        i = d.names.index(op.name)
+        v_fd = _fd_local(op, "rotate")
+        h = op.outputs[0].detach().requires_grad_(True)
+        rest = net[int(op.name) + 1 :]
+        (g,) = torch.autograd.grad(rest(h)[:, 1].sum(), h)
+        # v_fd carries ~1e-5 relative finite-difference noise; contributions here are ~1e-2
+        torch.testing.assert_close(d.values[i], (g * v_fd).sum((1, 2, 3)), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(d.maps[op.name].sum((1, 2, 3)), d.values[i])
+
+
+def test_select_moves_the_rest_to_unattributed() -> None:
+    net, x = smooth_cnn(), random_images()
+    full = decompose(net, x, "rotate", target=0)
+    nonlin = decompose(net, x, "rotate", target=0, select="nonlinearity")
+    assert set(nonlin.kinds) == {"nonlinearity"}
+    rest = full.values[[k != "nonlinearity" for k in full.kinds]].sum(0)
+    torch.testing.assert_close(nonlin.unattributed, rest, rtol=1e-9, atol=1e-15)
+    assert nonlin.completeness_error == full.completeness_error
+    by_name = decompose(net, x, "rotate", target=0, select=["0", "3"])
+    assert by_name.names == ["0", "3"]
+
+
+def test_results_export(tmp_path) -> None:
+    d = decompose(smooth_cnn(), random_images(), "translate_x", target=0)
+    rows = list(csv.DictReader(io.StringIO(d.to_csv(tmp_path / "layers.csv"))))
+    assert [r["name"] for r in rows] == d.names
+    assert abs(sum(float(r["share"]) for r in rows) - 1) < 1e-9
+    data = json.loads(d.to_json(tmp_path / "d.json"))
+    assert data["num_ops"] == d.num_ops and data["completeness_error"] == d.completeness_error
+    kinds = d.by_kind()
+    assert abs(sum(r["share"] for r in kinds.values()) - 1) < 1e-9
+    assert d.top(3)[0]["share"] >= d.top(3)[-1]["share"]
+    assert "completeness error" in str(d)
+
+
+def test_bad_targets_and_methods() -> None:
+    net, x = smooth_cnn(), random_images()
+    with pytest.raises(ValueError, match="class index in \\[0, 5\\)"):
+        decompose(net, x, "rotate", target=7)
+    with pytest.raises(ValueError, match="unknown target 'best'"):
+        decompose(net, x, "rotate", target="best")
+    with pytest.raises(ValueError, match="one scalar per image"):
+        decompose(net, x, "rotate", target=lambda f: f.sum())
+    with pytest.raises(ValueError, match="unknown method"):
+        decompose(net, x, "rotate", target=0, method="magic")
+    with pytest.raises(ValueError, match="unknown transform"):
+        decompose(net, x, "spin", target=0)
+
+
+def test_model_without_image_input() -> None:
+    with pytest.raises(ValueError, match="4-D"):
+        decompose(nn.Linear(10, 3).double(), torch.randn(4, 10, dtype=torch.float64), "rotate", target=0)
+
+
+def test_model_restored_after_an_error_mid_way() -> None:
+    net = smooth_cnn().train()
+    modes = [m.training for m in net.modules()]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def explode(f: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("target failed")
+
+    with pytest.raises(RuntimeError, match="target failed"):
+        decompose(net, random_images(), "rotate", target=explode)
+    assert [m.training for m in net.modules()] == modes
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
