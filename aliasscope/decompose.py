@@ -37,7 +37,7 @@ from .capture import KINDS, OpRecord, record
 from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
-from .lie import Output, _output_fn
+from .lie import Output, _output_fn, lie_derivative
 from .transforms import get_transform
 
 __all__ = ["decompose", "Decomposition", "local_lie_derivative"]
@@ -258,12 +258,77 @@ def _target_values(f: torch.Tensor, target: Target) -> tuple[torch.Tensor, str]:
     return f.gather(1, idx[:, None])[:, 0], desc
 
 
+def _last_uses(ops: Sequence[OpRecord]) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for j, op in enumerate(ops):
+        for t in op.inputs:
+            last[id(t)] = j
+    return last
+
+
+def _propagate(
+    ops: Sequence[OpRecord],
+    vs: dict[int, list[torch.Tensor]],
+    group: list[int],
+    out: torch.Tensor,
+    last_use: dict[int, int],
+) -> torch.Tensor:
+    """``J_{>i} v_i`` at the output for each op i in ``group``: (len(group), *out.shape).
+
+    The ops' local Lie derivatives are pushed forward together through the rest of the recorded
+    graph, one forward-mode jvp per later op, vectorised over the group with ``torch.func.vmap``.
+    """
+    g = len(group)
+    slot = {i: k for k, i in enumerate(group)}
+    tangents: dict[int, torch.Tensor] = {}
+    for j in range(min(group), len(ops)):
+        op = ops[j]
+        has = [id(t) in tangents for t in op.inputs]
+        new: list[torch.Tensor] | None = None
+        if any(has):
+            tin = tuple(
+                tangents[id(t)] if h else t.new_zeros((g, *t.shape))
+                for t, h in zip(op.inputs, has, strict=True)
+            )
+            inputs = tuple(op.inputs)
+
+            def push(
+                *ts: torch.Tensor, _op: OpRecord = op, _inputs: tuple = inputs
+            ) -> tuple[torch.Tensor, ...]:
+                _, jout = jvp(_op.replay, _inputs, ts)
+                return tuple(t for t in _flatten(jout) if t.is_floating_point())
+
+            new = list(torch.func.vmap(push)(*tin))
+        if j in slot:
+            if new is None:
+                new = [h.new_zeros((g, *h.shape)) for h in op.outputs]
+            for k, v in enumerate(vs.get(j, [])):
+                new[k] = new[k].clone()
+                new[k][slot[j]] += v
+        for t in op.inputs:
+            if last_use.get(id(t)) == j and t is not out:
+                tangents.pop(id(t), None)
+        if new is not None:
+            for h, t in zip(op.outputs, new, strict=True):
+                tangents[id(h)] = t
+    return tangents.get(id(out), out.new_zeros((g, *out.shape)))
+
+
+def _record(model, x, head, layouts, units):
+    with record(model, layouts=layouts, units=units) as rec:
+        y = model(x)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"the model returned a {type(y).__name__}, not a tensor")
+        f = head(y) if head is not None else y
+    return rec, f
+
+
 def decompose(
     model: nn.Module,
     images: torch.Tensor,
     transform: str,
     *,
-    target: Target = "pred",
+    target: Target | None = "pred",
     output: Output = "logits",
     method: str = "exact",
     generator: str = "central",
@@ -271,96 +336,168 @@ def decompose(
     layouts: dict[str, Layout] | None = None,
     units: Sequence[str] = (),
     keep_maps: bool = False,
+    num_probes: int = 100,
+    group_size: int = 8,
+    seed: int = 0,
     progress: bool = False,
 ) -> Decomposition:
-    """Attribute the Lie derivative of ``T = target(output(model(x)))`` to every op of the model.
+    """Attribute the Lie derivative of ``output(model(x))`` to every op of the model.
 
     Parameters
     ----------
     model, images, transform, output, generator:
         As in :func:`aliasscope.lie.lie_derivative`.
     target:
-        A class index (int, or one per image), ``"pred"`` (each image's top class, the default), or a
-        callable mapping the (B, ...) output to (B,) scalars.
+        A scalar per image -- a class index (int, or one per image), ``"pred"`` (each image's top
+        class, the default) or a callable mapping the (B, ...) output to (B,) -- gives signed exact
+        contributions from one backward pass. ``None`` takes the whole output vector (the paper's
+        setting with ``output="softmax"``): each op's contribution is the vector ``J_{>i} v_i``,
+        reported as its L2 norm per image.
     method:
-        ``"exact"`` (the chain rule above).
+        ``"exact"`` (the chain rule above), or ``"probe"`` with ``target=None``: the paper's
+        estimator ``mean_z (z^T J_{>i} v_i)^2`` over ``num_probes`` Gaussian probes ``z`` on the
+        output, reported as its square root (each ``v_i`` computed once, one backward per probe).
     select:
         Which ops to list (glob patterns on names or kind names, or a predicate); the others are
         still computed and their sum is reported in ``unattributed``.
     layouts, units:
         Passed to :func:`aliasscope.capture.record` for custom models.
     keep_maps:
-        Keep each op's elementwise contribution map ``dT/dh_out * v_i``.
+        Scalar target: keep each op's elementwise contribution map ``dT/dh_out * v_i``. Vector
+        target: keep the contribution vectors (num_ops, B, *output).
+    num_probes, seed:
+        For ``method="probe"``.
+    group_size:
+        Vector target: ops pushed forward together (memory grows with it).
     progress:
         Show a tqdm bar over ops.
     """
     get_transform(transform)
     get_generator(generator)
-    if method != "exact":
-        raise ValueError(f"unknown method {method!r}; valid: 'exact'")
-    if target is None:
-        raise NotImplementedError(
-            "target=None (the whole softmax vector) is not implemented yet; "
-            "pass a class index, 'pred' or a callable"
-        )
+    if method not in ("exact", "probe"):
+        raise ValueError(f"unknown method {method!r}; valid: 'exact', 'probe'")
+    if method == "probe" and target is not None:
+        raise ValueError("method='probe' estimates the norm of the whole output vector: use target=None")
     images = check_images(images, model)
     head = _output_fn(output)
+    vector = target is None
     with borrowed(model):
-        x = images.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            with record(model, layouts=layouts, units=units) as rec:
-                y = model(x)
-                if not isinstance(y, torch.Tensor):
-                    raise TypeError(f"the model returned a {type(y).__name__}, not a tensor")
-                f = head(y) if head is not None else y
-            tvals, tdesc = _target_values(f, target)
-            f_layout = rec.layout_of(f) or infer_layout(f, model)
-            outs = [t for op in rec.ops for t in op.outputs]
-            wanted = [x, f, *outs]
-            need = [t for t in wanted if t.requires_grad]
-            grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
-        by_id = {id(t): g for t, g in zip(need, grads, strict=True)}
-
-        def grad_of(t: torch.Tensor) -> torch.Tensor:
-            g = by_id.get(id(t))
-            return torch.zeros_like(t) if g is None else g
-
+        x = images.detach().clone().requires_grad_(not vector or method == "probe")
+        grad_ctx = torch.enable_grad() if x.requires_grad else torch.no_grad()
+        with grad_ctx:
+            rec, f = _record(model, x, head, layouts, units)
+            tdesc = "whole output"
+            if not vector:
+                tvals, tdesc = _target_values(f, target)
+        f_layout = rec.layout_of(f) or infer_layout(f, model)
+        ops = rec.ops
         with torch.no_grad():
-            dx = apply_generator(x.detach(), transform, generator, rec.input_layout)
-            total = _per_image(grad_of(x) * dx, rec.input_layout)
-            if f_layout.is_image_like:
-                total = total - _per_image(
-                    grad_of(f) * apply_generator(f.detach(), transform, generator, f_layout), f_layout
-                )
-            values = torch.zeros(len(rec.ops), x.shape[0], dtype=torch.float64)
-            maps: dict[str, torch.Tensor] = {}
-            for i, op in enumerate(tqdm(rec.ops, desc="local Lie derivatives", disable=not progress)):
-                if _is_zero_by_construction(op):
-                    continue
-                vs = local_lie_derivative(op, transform, generator)
-                for k, (v, h, lay) in enumerate(zip(vs, op.outputs, op.out_layouts, strict=True)):
-                    contrib = grad_of(h) * v
-                    values[i] += _per_image(contrib, lay).double().cpu()
-                    if keep_maps and k == 0:
-                        maps[op.name] = contrib.detach()
-    total = total.double().cpu()
-    summed = values.sum(0)
-    err = ((total - summed).norm() / total.norm().clamp_min(1e-300)).item()
+            vs: dict[int, list[torch.Tensor]] = {}
+            for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
+                if not _is_zero_by_construction(op):
+                    vs[i] = local_lie_derivative(op, transform, generator)
+        b = x.shape[0]
+        values = torch.zeros(len(ops), b, dtype=torch.float64)
+        maps: dict[str, torch.Tensor] = {}
+        extra: dict[str, Any] = {}
+        if not vector:
+            outs = [t for op in ops for t in op.outputs]
+            need = [t for t in [x, f, *outs] if t.requires_grad]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
+            by_id = {id(t): gr for t, gr in zip(need, grads, strict=True)}
+
+            def grad_of(t: torch.Tensor) -> torch.Tensor:
+                gr = by_id.get(id(t))
+                return torch.zeros_like(t) if gr is None else gr
+
+            with torch.no_grad():
+                dx = apply_generator(x.detach(), transform, generator, rec.input_layout)
+                total = _per_image(grad_of(x) * dx, rec.input_layout)
+                if f_layout.is_image_like:
+                    df = apply_generator(f.detach(), transform, generator, f_layout)
+                    total = total - _per_image(grad_of(f) * df, f_layout)
+                for i, v_list in vs.items():
+                    for k, (v, h, lay) in enumerate(
+                        zip(v_list, ops[i].outputs, ops[i].out_layouts, strict=True)
+                    ):
+                        contrib = grad_of(h) * v
+                        values[i] += _per_image(contrib, lay).double().cpu()
+                        if keep_maps and k == 0:
+                            maps[ops[i].name] = contrib.detach()
+            total = total.double().cpu()
+            summed = values.sum(0)
+        elif method == "exact":
+            total = (
+                lie_derivative(model, images, transform, output=output, generator=generator).double().cpu()
+            )
+            vectors = torch.zeros(len(ops), *total.shape, dtype=torch.float64)
+            order = sorted(vs)
+            last_use = _last_uses(ops)
+            groups = [order[k : k + group_size] for k in range(0, len(order), group_size)]
+            with torch.no_grad():
+                for group in tqdm(groups, desc="contribution vectors", disable=not progress):
+                    prop = _propagate(ops, vs, group, f, last_use)
+                    for k, i in enumerate(group):
+                        vectors[i] = prop[k].double().cpu()
+            values = vectors.flatten(2).norm(dim=2)
+            summed = vectors.sum(0)
+            if keep_maps:
+                extra["vectors"] = vectors
+        else:
+            total = (
+                lie_derivative(model, images, transform, output=output, generator=generator).double().cpu()
+            )
+            outs = [
+                (i, k, h) for i, v_list in vs.items() for k, h in enumerate(ops[i].outputs[: len(v_list)])
+            ]
+            need = [h for _, _, h in outs if h.requires_grad]
+            gen = torch.Generator(device=f.device).manual_seed(seed)
+            sq = torch.zeros(len(ops), b, dtype=torch.float64)
+            for _ in tqdm(range(num_probes), desc="probes", disable=not progress):
+                z = torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype)
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(f, need, grad_outputs=z, retain_graph=True, allow_unused=True)
+                by_id = {id(h): gr for h, gr in zip(need, grads, strict=True)}
+                with torch.no_grad():
+                    proj = torch.zeros(len(ops), b, dtype=torch.float64)
+                    for i, k, h in outs:
+                        gr = by_id.get(id(h))
+                        if gr is not None:
+                            proj[i] += _per_image(gr * vs[i][k], ops[i].out_layouts[k]).double().cpu()
+                    sq += proj**2
+            values = (sq / num_probes).sqrt()
+            summed = None
+            extra["num_probes"] = num_probes
+    if summed is not None:
+        err = ((total - summed).norm() / total.norm().clamp_min(1e-300)).item()
+    else:
+        err = float("nan")  # an estimator of norms cannot be summed back to the total
     keep = rec.select(select)
     kept = values[keep]
+    if vector and method == "exact":
+        unattributed = total - extra.get("vectors", vectors)[keep].sum(0)
+    elif vector:
+        unattributed = torch.full_like(total, float("nan"))
+    else:
+        unattributed = total - kept.sum(0)
+    if vector and method == "exact" and keep_maps:
+        extra["vectors"] = extra["vectors"][keep]
     return Decomposition(
-        names=[rec.ops[i].name for i in keep],
-        kinds=[rec.ops[i].kind for i in keep],
-        layouts=[str(rec.ops[i].layout) for i in keep],
-        shapes=[rec.ops[i].shape for i in keep],
+        names=[ops[i].name for i in keep],
+        kinds=[ops[i].kind for i in keep],
+        layouts=[str(ops[i].layout) for i in keep],
+        shapes=[ops[i].shape for i in keep],
         values=kept,
         total=total,
-        unattributed=total - kept.sum(0),
+        unattributed=unattributed,
         completeness_error=err if math.isfinite(err) else float("nan"),
         transform=transform,
         generator=generator,
         output=output if isinstance(output, str) else "custom",
         target=tdesc,
-        maps={k: v for k, v in maps.items() if k in {rec.ops[i].name for i in keep}} if keep_maps else None,
-        extra={"kinds_doc": {k: KINDS[k] for k in sorted(set(rec.kinds))}, "recording": repr(rec)},
+        maps={k: v for k, v in maps.items() if k in {ops[i].name for i in keep}}
+        if keep_maps and maps
+        else None,
+        extra={"method": method, "kinds_doc": {k: KINDS[k] for k in sorted(set(rec.kinds))}, **extra},
     )

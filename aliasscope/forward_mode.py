@@ -46,6 +46,8 @@ class _Const:
 class _ConvLinear(torch.autograd.Function):
     """conv*/linear whose tangent is the op on the input tangent, without bias."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(op, x, weight, bias, *rest):
         return op(x, weight.value, bias.value, *rest)
@@ -63,6 +65,8 @@ class _ConvLinear(torch.autograd.Function):
 
 class _EvalBatchNorm(torch.autograd.Function):
     """Eval-mode batch norm: an affine map per channel."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):

@@ -205,3 +205,38 @@ def test_model_restored_after_an_error_mid_way() -> None:
     assert [m.training for m in net.modules()] == modes
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+def test_vector_decomposition_is_complete_and_matches_scalar_targets(output: str) -> None:
+    net, x = smooth_cnn(), random_images(2, 3, 16, 20)
+    vec = decompose(net, x, "rotate", target=None, output=output, keep_maps=True, group_size=3)
+    assert vec.total.shape == (2, 5) and vec.unattributed.shape == (2, 5)
+    assert vec.completeness_error < 1e-12
+    torch.testing.assert_close(vec.total, lie_derivative(net, x, "rotate", output=output).double())
+    vectors = vec.extra["vectors"]  # (ops, B, K)
+    torch.testing.assert_close(vec.values, vectors.flatten(2).norm(dim=2))
+    for k in (0, 3):
+        scalar = decompose(net, x, "rotate", target=k, output=output)
+        torch.testing.assert_close(scalar.values, vectors[:, :, k], rtol=1e-9, atol=1e-15)
+
+
+def test_vector_decomposition_on_a_vit_with_prefix_tokens() -> None:
+    model = _model("deit_tiny_distilled_patch16_224", torch.float64)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    vec = decompose(model, x, "translate_x", target=None, output="softmax", group_size=16)
+    assert vec.completeness_error < 1e-9
+
+
+def test_probe_estimator_agrees_with_exact_norms_within_sampling_error() -> None:
+    net, x = smooth_cnn(), random_images(2, 3, 16, 16)
+    exact = decompose(net, x, "scale", target=None, output="softmax")
+    probe = decompose(net, x, "scale", target=None, output="softmax", method="probe", num_probes=800)
+    assert probe.names == exact.names
+    big = exact.values > 1e-3 * exact.values.max()
+    ratio = (probe.values[big] / exact.values[big]) ** 2  # estimates of squared norms
+    # mean of 800 chi-square(1) draws: relative std sqrt(2/800) = 5%; allow 4 sigma
+    assert ((ratio - 1).abs() < 0.2).all(), ratio
+    assert (probe.values[~big] <= 1e-2 * exact.values.max()).all()
+    with pytest.raises(ValueError, match="use target=None"):
+        decompose(net, x, "scale", target=0, method="probe")
