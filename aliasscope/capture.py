@@ -201,6 +201,7 @@ class OpRecord:
     out_layouts: list[Layout] = field(repr=False, default_factory=list)
     replay: Callable[..., Any] | None = field(repr=False, default=None)
     pointwise_affine: bool = field(repr=False, default=False)
+    unit: nn.Module | None = field(repr=False, default=None)
 
     @property
     def exactly_equivariant(self) -> bool:
@@ -418,10 +419,22 @@ class Recording:
             call.out_layouts,
             replay,
             affine=_is_eval_batchnorm(module),
+            unit=module,
         )
 
     def _append(
-        self, name, kind, module, op, inputs, in_layouts, outputs, out_layouts, replay, affine=False
+        self,
+        name,
+        kind,
+        module,
+        op,
+        inputs,
+        in_layouts,
+        outputs,
+        out_layouts,
+        replay,
+        affine=False,
+        unit=None,
     ) -> None:
         outs = [(t, lay) for t, lay in zip(outputs, out_layouts, strict=True) if t.is_floating_point()]
         first = outs[0] if outs else (None, None)
@@ -440,6 +453,7 @@ class Recording:
                 out_layouts=[lay for _, lay in outs],
                 replay=replay,
                 pointwise_affine=affine,
+                unit=unit,
             )
         )
 

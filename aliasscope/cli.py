@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import sys
@@ -86,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     diag.add_argument("--out", default="aliasscope-out", help="output folder (default aliasscope-out/)")
+    diag.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="also attribute the Lie derivative to every op (exact chain rule) and write layers.csv",
+    )
+    diag.add_argument(
+        "--layer-transforms",
+        nargs="+",
+        default=["translate_x", "rotate", "scale"],
+        choices=transform_names(),
+        metavar="T",
+        help="transforms for --layerwise (default: translate_x rotate scale)",
+    )
+    diag.add_argument(
+        "--target",
+        default="pred",
+        help="what --layerwise attributes: 'pred' (each image's top class, default), a class "
+        "index, or 'all' (the whole softmax vector, the paper's setting; slower)",
+    )
     diag.add_argument("--quiet", action="store_true", help="no progress bars or table")
     diag.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the table")
     diag.set_defaults(func=diagnose)
@@ -154,6 +174,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         "versions": _versions(),
         "metrics": json.loads(metrics.to_json()),
     }
+    if args.layerwise:
+        summary["layerwise"] = _layerwise(args, model, images, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -165,8 +187,66 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         print(metrics.summary())
         if top1 is not None:
             print(f"top-1 accuracy: {100 * top1:.1f}% ({len(batch)} labelled images)")
-        print(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'} ({summary['seconds']:.1f} s)")
+        written = ", ".join(n for n in ("metrics.csv", "layers.csv", "summary.json") if (out / n).exists())
+        print(f"wrote {written} into {out}/ ({time.perf_counter() - start:.1f} s)")
     return summary
+
+
+def _parse_target(text: str) -> int | str | None:
+    if text == "all":
+        return None
+    if text == "pred":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--target must be 'pred', 'all' or a class index, got {text!r}") from None
+
+
+def _layerwise(
+    args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path
+) -> dict[str, Any]:
+    """Decompose each --layer-transforms over all images; write layers.csv; return the summary part."""
+    from tqdm.auto import tqdm
+
+    from .decompose import Decomposition, decompose
+
+    target = _parse_target(args.target)
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    starts = list(range(0, images.shape[0], args.batch_size))
+    bar = tqdm(total=len(starts) * len(args.layer_transforms), desc="layer attribution", disable=args.quiet)
+    for name in args.layer_transforms:
+        parts = []
+        for s in starts:
+            parts.append(
+                decompose(
+                    model,
+                    images[s : s + args.batch_size],
+                    name,
+                    target=target,
+                    output="softmax",
+                    generator=args.generator,
+                )
+            )
+            bar.update()
+        d = Decomposition.concat(parts)
+        rows.extend({"transform": name, **r} for r in d.table)
+        result[name] = {
+            "completeness_error": d.completeness_error,
+            "num_ops": d.num_ops,
+            "target": d.target,
+            "by_kind": d.by_kind(),
+            "top": d.top(10),
+        }
+        if not args.quiet and not args.json:
+            tqdm.write(d.summary(5))
+    bar.close()
+    with (out / "layers.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

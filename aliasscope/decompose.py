@@ -146,6 +146,33 @@ class Decomposition:
     def __str__(self) -> str:
         return self.summary()
 
+    @staticmethod
+    def concat(parts: Sequence[Decomposition]) -> Decomposition:
+        """Join decompositions of the same model and settings over several image batches."""
+        first = parts[0]
+        if any(p.names != first.names for p in parts):
+            raise ValueError(
+                "cannot join decompositions with different ops (different models or image sizes)"
+            )
+        total = torch.cat([p.total for p in parts])
+        summed_err = [p.completeness_error * p.total.norm().item() for p in parts]
+        err = math.sqrt(sum(e * e for e in summed_err)) / max(total.norm().item(), 1e-300)
+        return Decomposition(
+            names=first.names,
+            kinds=first.kinds,
+            layouts=first.layouts,
+            shapes=first.shapes,
+            values=torch.cat([p.values for p in parts], dim=1),
+            total=total,
+            unattributed=torch.cat([p.unattributed for p in parts]),
+            completeness_error=err,
+            transform=first.transform,
+            generator=first.generator,
+            output=first.output,
+            target=first.target,
+            extra=dict(first.extra),
+        )
+
     def to_csv(self, path: str | None = None) -> str:
         """:attr:`table` as CSV (written to ``path`` if given)."""
         buf = io.StringIO()
@@ -187,22 +214,72 @@ class Decomposition:
         return text
 
 
-def local_lie_derivative(op: OpRecord, transform: str, generator: str) -> list[torch.Tensor]:
-    """``v = J_f(h_in) . D h_in - D h_out`` for each output of a recorded op."""
-    tangents = tuple(
-        apply_generator(h, transform, generator, lay) for h, lay in zip(op.inputs, op.in_layouts, strict=True)
-    )
+class _DCache:
+    """``D h`` of each activation, computed once and dropped after its last use."""
+
+    def __init__(self, transform: str, generator: str, ops: Sequence[OpRecord] = ()) -> None:
+        self.transform, self.generator = transform, generator
+        self.values: dict[int, torch.Tensor] = {}
+        self.last_use = _last_uses(ops)
+
+    def get(self, t: torch.Tensor, layout: Layout) -> torch.Tensor:
+        d = self.values.get(id(t))
+        if d is None:
+            d = apply_generator(t, self.transform, self.generator, layout)
+            self.values[id(t)] = d
+        return d
+
+    def release(self, op_index: int, op: OpRecord) -> None:
+        for t in op.inputs:
+            if self.last_use.get(id(t), -1) <= op_index:
+                self.values.pop(id(t), None)
+
+
+def _linear_tangent(op: OpRecord, u: torch.Tensor) -> torch.Tensor | None:
+    """``J u`` for plain conv/linear modules: the op on ``u`` without its bias (no primal recompute)."""
+    m = op.unit
+    if m is None or len(op.inputs) != 1:
+        return None
+    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return m._conv_forward(u, m.weight, None)
+    if type(m) is nn.Linear:
+        return torch.nn.functional.linear(u, m.weight)
+    return None
+
+
+def local_terms(
+    op: OpRecord, transform: str, generator: str, cache: _DCache | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(J_f(h_in) . D h_in, D h_out)`` for each output of a recorded op (their difference is v)."""
+    cache = cache or _DCache(transform, generator)
     with torch.no_grad():
-        _, jout = jvp(op.replay, tuple(op.inputs), tangents)
-    flat = [t for t in _flatten(jout) if t.is_floating_point()]
-    if len(flat) != len(op.outputs):
-        raise RuntimeError(
-            f"op {op.name!r} gave {len(flat)} outputs on replay, {len(op.outputs)} when recorded"
-        )
-    return [
-        j - apply_generator(h, transform, generator, lay)
-        for j, h, lay in zip(flat, op.outputs, op.out_layouts, strict=True)
-    ]
+        tangents = tuple(cache.get(h, lay) for h, lay in zip(op.inputs, op.in_layouts, strict=True))
+        fast = _linear_tangent(op, tangents[0]) if tangents else None
+        if fast is not None:
+            flat = [fast]
+        else:
+            _, jout = jvp(op.replay, tuple(op.inputs), tangents)
+            flat = [t for t in _flatten(jout) if t.is_floating_point()]
+        if len(flat) != len(op.outputs):
+            raise RuntimeError(
+                f"op {op.name!r} gave {len(flat)} outputs on replay, {len(op.outputs)} when recorded"
+            )
+        return [(j, cache.get(h, lay)) for j, h, lay in zip(flat, op.outputs, op.out_layouts, strict=True)]
+
+
+def local_lie_derivative(
+    op: OpRecord, transform: str, generator: str, cache: _DCache | None = None
+) -> list[torch.Tensor]:
+    """``v = J_f(h_in) . D h_in - D h_out`` for each output of a recorded op."""
+    return [j - d for j, d in local_terms(op, transform, generator, cache)]
+
+
+def _bdot(a: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Per-image inner product of two tensors of one layout (no elementwise temporary)."""
+    p = _batch_dim(layout)
+    a2 = a.movedim(p, 0).reshape(a.shape[p], 1, -1)
+    b2 = b.movedim(p, 0).reshape(b.shape[p], -1, 1)
+    return torch.bmm(a2, b2.to(a2.dtype)).reshape(-1)
 
 
 def _flatten(obj: Any) -> list[torch.Tensor]:
@@ -391,17 +468,21 @@ def decompose(
                 tvals, tdesc = _target_values(f, target)
         f_layout = rec.layout_of(f) or infer_layout(f, model)
         ops = rec.ops
-        with torch.no_grad():
-            vs: dict[int, list[torch.Tensor]] = {}
-            for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
-                if not _is_zero_by_construction(op):
-                    vs[i] = local_lie_derivative(op, transform, generator)
+        vs: dict[int, list[torch.Tensor]] = {}
+        if vector:
+            with torch.no_grad():
+                cache = _DCache(transform, generator, ops)
+                for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
+                    if not _is_zero_by_construction(op):
+                        vs[i] = local_lie_derivative(op, transform, generator, cache)
+                    cache.release(i, op)
+                del cache
         b = x.shape[0]
         values = torch.zeros(len(ops), b, dtype=torch.float64)
         maps: dict[str, torch.Tensor] = {}
         extra: dict[str, Any] = {}
         if not vector:
-            outs = [t for op in ops for t in op.outputs]
+            outs = [t for op in ops if not _is_zero_by_construction(op) for t in op.outputs]
             need = [t for t in [x, f, *outs] if t.requires_grad]
             with torch.enable_grad():
                 grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
@@ -417,14 +498,19 @@ def decompose(
                 if f_layout.is_image_like:
                     df = apply_generator(f.detach(), transform, generator, f_layout)
                     total = total - _per_image(grad_of(f) * df, f_layout)
-                for i, v_list in vs.items():
-                    for k, (v, h, lay) in enumerate(
-                        zip(v_list, ops[i].outputs, ops[i].out_layouts, strict=True)
-                    ):
-                        contrib = grad_of(h) * v
-                        values[i] += _per_image(contrib, lay).double().cpu()
-                        if keep_maps and k == 0:
-                            maps[ops[i].name] = contrib.detach()
+                cache = _DCache(transform, generator, ops)
+                for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
+                    if not _is_zero_by_construction(op):
+                        terms = local_terms(op, transform, generator, cache)
+                        for k, ((j, d), h, lay) in enumerate(
+                            zip(terms, op.outputs, op.out_layouts, strict=True)
+                        ):
+                            g = grad_of(h)
+                            values[i] += (_bdot(g, j, lay) - _bdot(g, d, lay)).double().cpu()
+                            if keep_maps and k == 0:
+                                maps[op.name] = g * (j - d)
+                    cache.release(i, op)
+                del cache
             total = total.double().cpu()
             summed = values.sum(0)
         elif method == "exact":

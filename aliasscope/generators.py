@@ -41,7 +41,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .forward_mode import jvp
 from .layouts import BCHW, Layout, map_spatial
@@ -51,23 +50,37 @@ from .transforms import Transform, get_transform
 __all__ = ["GENERATORS", "apply_generator", "get_generator", "generator_names"]
 
 
-def _central_diff(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """(x[i+1] - x[i-1]) / 2 along ``dim`` (-1 or -2) with whole-sample reflection at the borders."""
-    n = x.shape[dim]
-    if n == 1:
-        return torch.zeros_like(x)
-    pad = (1, 1, 0, 0) if dim == -1 else (0, 0, 1, 1)
-    xp = F.pad(x, pad, mode="reflect")
+def _central_diff(x: torch.Tensor, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale * (x[i+1] - x[i-1]) / 2`` along ``dim`` (-1 or -2), whole-sample reflection at the borders.
+
+    Reflection makes x[-1] = x[1] and x[n] = x[n-2], so the difference is exactly 0 on the two
+    border lines; the interior is a plain central difference.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:  # differentiable path (no out= writes)
+        pad = (1, 1, 0, 0) if dim == -1 else (0, 0, 1, 1)
+        ahead = x[..., 2:] if dim == -1 else x[..., 2:, :]
+        behind = x[..., :-2] if dim == -1 else x[..., :-2, :]
+        return torch.nn.functional.pad((ahead - behind) * (0.5 * scale), pad)
+    out = torch.empty_like(x)
     if dim == -1:
-        return (xp[..., 2:] - xp[..., :-2]) / 2
-    return (xp[..., 2:, :] - xp[..., :-2, :]) / 2
+        inner, ahead, behind, edges = out[..., 1:-1], x[..., 2:], x[..., :-2], (out[..., :1], out[..., -1:])
+    else:
+        inner, ahead, behind = out[..., 1:-1, :], x[..., 2:, :], x[..., :-2, :]
+        edges = (out[..., :1, :], out[..., -1:, :])
+    for edge in edges:
+        edge.zero_()
+    if x.shape[dim] > 2:
+        torch.sub(ahead, behind, out=inner)
+        inner.mul_(0.5 * scale)
+    return out
 
 
-def _fourier_diff(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Derivative (per pixel) of the trigonometric interpolant along ``dim``; Nyquist term zeroed."""
+def _fourier_diff(x: torch.Tensor, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` times the derivative (per pixel) of the trigonometric interpolant along ``dim``;
+    the Nyquist term is zeroed."""
     n = x.shape[dim]
     k = torch.arange(n // 2 + 1, device=x.device, dtype=x.dtype)
-    mult = (2j * math.pi / n) * k
+    mult = (2j * math.pi * scale / n) * k
     if n % 2 == 0:
         mult[-1] = 0
     shape = [1] * x.dim()
@@ -75,21 +88,22 @@ def _fourier_diff(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.fft.irfft(torch.fft.rfft(x, dim=dim) * mult.reshape(shape), n=n, dim=dim)
 
 
-def _along_field(
-    x: torch.Tensor, tr: Transform, diff: Callable[[torch.Tensor, int], torch.Tensor]
-) -> torch.Tensor:
+def _along_field(x: torch.Tensor, tr: Transform, diff: Callable[..., torch.Tensor]) -> torch.Tensor:
     """``V . grad x`` in resolution-consistent units: d/dg = (n / 2) d/d(pixel)."""
     h, w = x.shape[-2:]
-    gx = pixel_centres(w, x.dtype, x.device)[None, :]
-    gy = pixel_centres(h, x.dtype, x.device)[:, None]
-    vx, vy = tr.vector_field(gx, gy)
     (a, b, c), (d, e, f) = tr.generator_matrix
-    out = torch.zeros_like(x)
-    if a or b or c:
-        out = out + (w / 2) * vx * diff(x, -1)
-    if d or e or f:
-        out = out + (h / 2) * vy * diff(x, -2)
-    return out
+    out: torch.Tensor | None = None
+    for (p, q, r), dim, n in (((a, b, c), -1, w), ((d, e, f), -2, h)):
+        if not (p or q or r):
+            continue
+        if p or q:  # a vector field that varies over the image
+            gx = pixel_centres(w, x.dtype, x.device)[None, :]
+            gy = pixel_centres(h, x.dtype, x.device)[:, None]
+            term = diff(x, dim, n / 2) * (p * gx + q * gy + r)
+        else:  # constant (translation): a scalar factor, folded into the difference
+            term = diff(x, dim, r * n / 2)
+        out = term if out is None else out + term
+    return torch.zeros_like(x) if out is None else out
 
 
 def central(x: torch.Tensor, tr: Transform) -> torch.Tensor:

@@ -141,3 +141,44 @@ def test_help_lists_every_option() -> None:
         "--json",
     ):
         assert option in help_text
+
+
+def test_diagnose_layerwise_writes_layers_csv(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "diagnose",
+        *TINY,
+        "--images",
+        str(_photos(tmp_path / "imgs", 2)),
+        "--out",
+        str(out),
+        "--layerwise",
+        "--layer-transforms",
+        "translate_x",
+        "scale",
+    ]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "layers.csv").open()))
+    assert {r["transform"] for r in rows} == {"translate_x", "scale"}
+    assert {"order", "name", "kind", "layout", "shape", "mean", "share"} <= set(rows[0])
+    for name in ("translate_x", "scale"):
+        shares = [float(r["share"]) for r in rows if r["transform"] == name]
+        assert abs(sum(shares) - 1) < 1e-6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layerwise"]["scale"]["completeness_error"] < 1e-4
+
+
+def test_bad_layerwise_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "diagnose",
+        *TINY,
+        "--images",
+        str(_photos(tmp_path / "imgs", 1)),
+        "--out",
+        str(tmp_path / "o"),
+        "--layerwise",
+        "--target",
+        "best",
+    ]
+    assert main(argv) == 2
+    assert "--target must be" in _error_line(capsys)
