@@ -4,8 +4,10 @@ The method is the Lie derivative of a network (Gruver, Finzi, Goldblum, Wilson, 
 ``L_X F(x) = d/dt rho(-t) F(rho(t) x)`` at ``t = 0`` for continuous image transformations rho.
 
 Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~aliasscope.generators`
-(their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics),
-with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos.
+(their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics)
+-> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decompose` (exact
+per-op attribution with a completeness check), with :mod:`~aliasscope.models` / :mod:`~aliasscope.data`
+to load real models and photos.
 
 Quick start::
 
@@ -14,11 +16,15 @@ Quick start::
     batch = asc.load_images(preprocess=preprocess)       # real photos bundled with scikit-image
     metrics = asc.equivariance_metrics(model, batch)     # per image x transform
     print(metrics)
+    layers = asc.decompose(model, batch.images, "rotate", target="pred", output="softmax")
+    print(layers)                                        # shares by op kind, top ops, completeness
 """
 
 __version__ = "0.1.0"
 
+from .capture import KINDS, OpRecord, Recording, record
 from .data import ImageBatch, load_images
+from .decompose import Decomposition, decompose
 from .generators import GENERATORS, apply_generator, generator_names
 from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
 from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
@@ -48,6 +54,13 @@ __all__ = [
     "finite_difference",
     "equivariance_metrics",
     "EquivarianceMetrics",
+    # capture and decomposition
+    "record",
+    "Recording",
+    "OpRecord",
+    "KINDS",
+    "decompose",
+    "Decomposition",
     # models and images
     "load_model",
     "Preprocess",

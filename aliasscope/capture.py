@@ -156,6 +156,14 @@ _POOL_REDUCE = {
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
 }
+_PLAIN_BINARY = {
+    torch.add,
+    torch.sub,
+    torch.Tensor.add,
+    torch.Tensor.sub,
+    torch.Tensor.__add__,
+    torch.Tensor.__sub__,
+}
 _PRECEDENCE = [
     "attention",
     "patch_embed",
@@ -202,6 +210,7 @@ class OpRecord:
     replay: Callable[..., Any] | None = field(repr=False, default=None)
     pointwise_affine: bool = field(repr=False, default=False)
     unit: nn.Module | None = field(repr=False, default=None)
+    replay_args_plain: bool = field(repr=False, default=False)
 
     @property
     def exactly_equivariant(self) -> bool:
@@ -435,6 +444,7 @@ class Recording:
         replay,
         affine=False,
         unit=None,
+        plain=False,
     ) -> None:
         outs = [(t, lay) for t, lay in zip(outputs, out_layouts, strict=True) if t.is_floating_point()]
         first = outs[0] if outs else (None, None)
@@ -454,6 +464,7 @@ class Recording:
                 replay=replay,
                 pointwise_affine=affine,
                 unit=unit,
+                replay_args_plain=plain,
             )
         )
 
@@ -483,6 +494,15 @@ class Recording:
             return func(*a, **k)
 
         affine = name == "batch_norm" and not _arg_training(args, kwargs)
+        # a + b / a - b of two activations, in that order and nothing else: its tangent is u_a +- u_b
+        plain = (
+            func in _PLAIN_BINARY
+            and not kwargs
+            and len(args) == 2
+            and len(template.inputs) == 2
+            and args[0] is template.inputs[0]
+            and args[1] is template.inputs[1]
+        )
         base = f"{path}.{name}" if path else name
         self._append(
             self._unique_name(base),
@@ -495,6 +515,7 @@ class Recording:
             out_layouts,
             replay,
             affine=affine,
+            plain=plain,
         )
 
     # -- after the forward: collapse regions whose layouts are unknown ---------------------------
