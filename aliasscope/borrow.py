@@ -25,17 +25,30 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     """Use ``model`` in eval mode and give it back exactly as it came, even if an error is raised.
 
     Restores every submodule's train/eval flag and removes any hook registered on any submodule
-    while borrowed. Parameters are never written by aliasscope's analyses.
+    while borrowed. Parameters are never written by aliasscope's analyses. TF32 math is switched
+    off while borrowed (full float32 precision) and the previous settings are restored.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     modules = list(model.modules())
     modes = [m.training for m in modules]
     hooks = [{name: set(getattr(m, name, {}).keys()) for name in _HOOK_DICTS} for m in modules]
+    precision = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     try:
         model.eval()
+        # TF32 (the default for cuDNN convolutions on Ampere+ GPUs) keeps 10 mantissa bits: enough
+        # to break float32 completeness checks at 1e-3; analyses run in full float32 and restore it
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
         yield model
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = precision[:2]
+        torch.set_float32_matmul_precision(precision[2])
         for m, mode, before in zip(modules, modes, hooks, strict=True):
             m.training = mode
             for name, keys in before.items():

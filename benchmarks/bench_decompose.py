@@ -6,8 +6,9 @@ Prints, for one transform: a plain forward pass; the exact scalar decomposition 
 image); the exact vector decomposition (the whole softmax, zero noise); the paper's probe estimator
 with 100 probes computing every local Lie derivative once (aliasscope's ``method="probe"``); and
 the same estimator as the paper's code runs it, recomputing every local Lie derivative for each
-probe. The paper-style estimator is timed over ``--paper-probes`` probes and scaled to 100 (its
-cost is linear in the probe count); say so when quoting it.
+probe inside a fresh forward pass and running a full backward (weights included), as the loop of
+its layer-wise code does. The paper-style estimator is timed over ``--paper-probes`` probes and
+scaled to 100 (its cost is linear in the probe count); say so when quoting it.
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ def _timed(fn, device: str, repeats: int = 1) -> float:
 
 
 def paper_style_probes(model, x, transform: str, num_probes: int) -> None:
-    """The paper's estimator as its code runs it: every local Lie derivative recomputed per probe."""
-    xr = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), record(model) as rec:
-        f = F.softmax(model(xr), dim=-1)
-    ops = [op for op in rec.ops if not _is_zero_by_construction(op)]
-    outs = [h for op in ops for h in op.outputs if h.requires_grad]
+    """The paper's layer-wise loop: for every probe a fresh forward pass with the per-layer Lie
+    derivatives computed in it, then a full backward (weights included) of ``<z, softmax>``."""
+    params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(num_probes):
+        xr = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), record(model) as rec:
+            f = F.softmax(model(xr), dim=-1)
+        ops = [op for op in rec.ops if not _is_zero_by_construction(op)]
         vs = [local_lie_derivative(op, transform, "central") for op in ops]
+        outs = [h for op in ops for h in op.outputs if h.requires_grad]
         z = torch.randn_like(f)
-        grads = torch.autograd.grad(f, outs, grad_outputs=z, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(f, outs + params, grad_outputs=z, allow_unused=True)
         with torch.no_grad():
             k = 0
             for op, v_list in zip(ops, vs, strict=True):

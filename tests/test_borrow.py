@@ -139,3 +139,25 @@ def test_layout_that_cannot_be_inferred() -> None:
 
     with pytest.raises(ValueError, match="cannot infer the spatial layout.*Layout.tokens"):
         lie_derivative(Tokens(), random_images(), "rotate")
+
+
+def test_tf32_is_off_during_analysis_and_restored() -> None:
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = smooth_cnn()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return self.net(x)
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        lie_derivative(Probe(), random_images(), "rotate")
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
