@@ -44,7 +44,7 @@ from .forward_mode import out_of_place
 from .layout_rules import func_name, propagate
 from .layouts import BCHW, Layout
 
-__all__ = ["KINDS", "OpRecord", "Recording", "record"]
+__all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record"]
 
 KINDS: dict[str, str] = {
     "nonlinearity": "pointwise nonlinearities and gating (ReLU, GELU, SiLU, sigmoid gates, x * y)",
@@ -179,6 +179,31 @@ _PRECEDENCE = [
     "other",
     "layout",
 ]
+
+
+PAPER_UNITS: tuple[str, ...] = (
+    "Attention",
+    "MixerBlock",
+    "Affine",
+    "SpatialGatingBlock",
+    "PatchEmbed",
+    "Mlp",
+    "DropPath",
+    "BlurPool2d",
+    "GatherExcite",
+    "EvoNormBatch2d",
+    "BatchNorm2d",
+    "BatchNorm1d",
+    "LayerNorm",
+    "GroupNorm",
+    "SEModule",
+    "SqueezeExcite",
+    "MHSA",
+    "GPSA",
+)
+"""The module classes the paper's layer-wise code treats as single layers (``units="paper"``), so
+per-op numbers can be set beside its per-module ones (subclasses count: timm's ``BatchNormAct2d``
+is a ``BatchNorm2d``, recorded with its activation)."""
 
 
 @dataclass
@@ -345,7 +370,8 @@ class Recording:
         return base if k == 0 else f"{base}#{k}"
 
     def _is_unit(self, module: nn.Module, path: str) -> bool:
-        if any(fnmatch.fnmatchcase(path, p) or type(module).__name__ == p for p in self.unit_patterns):
+        classes = {c.__name__ for c in type(module).__mro__}
+        if any(fnmatch.fnmatchcase(path, p) or p in classes for p in self.unit_patterns):
             return True
         return next(module.children(), None) is None
 
@@ -750,7 +776,7 @@ def record(
     *,
     input_layout: Layout = BCHW,
     layouts: dict[str, Layout] | None = None,
-    units: Sequence[str] = (),
+    units: Sequence[str] | str = (),
 ) -> Iterator[Recording]:
     """Record every op of the forward passes run inside the block.
 
@@ -764,7 +790,8 @@ def record(
         Override the output layout of modules, by module path (for custom models whose layouts
         cannot be inferred).
     units:
-        Module paths (glob patterns) or class names to record as a single op each.
+        Module paths (glob patterns) or class names (subclasses included) to record as a single op
+        each; ``"paper"`` uses :data:`PAPER_UNITS`, the reference code's layer list.
 
     Examples
     --------
@@ -772,6 +799,10 @@ def record(
     ...     model(x)
     >>> [(op.name, op.kind, str(op.layout)) for op in rec][:3]  # doctest: +SKIP
     """
+    if isinstance(units, str):
+        if units != "paper":
+            raise ValueError(f"units must be a list of module paths/class names or 'paper', got {units!r}")
+        units = PAPER_UNITS
     rec = Recording(model, input_layout, layouts or {}, units)
     handles = []
     started = [False]

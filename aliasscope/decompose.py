@@ -425,7 +425,7 @@ def decompose(
     generator: str = "central",
     select: str | Sequence[str] | Callable[[OpRecord], bool] | None = None,
     layouts: dict[str, Layout] | None = None,
-    units: Sequence[str] = (),
+    units: Sequence[str] | str = (),
     keep_maps: bool = False,
     num_probes: int = 100,
     group_size: int = 8,
@@ -452,7 +452,9 @@ def decompose(
         Which ops to list (glob patterns on names or kind names, or a predicate); the others are
         still computed and their sum is reported in ``unattributed``.
     layouts, units:
-        Passed to :func:`aliasscope.capture.record` for custom models.
+        Passed to :func:`aliasscope.capture.record`: layouts for custom models, modules to record
+        whole (``units="paper"`` groups ops as the paper's layer-wise code does; its per-layer number
+        is the square of ``values`` for ``target=None``).
     keep_maps:
         Scalar target: keep each op's elementwise contribution map ``dT/dh_out * v_i``. Vector
         target: keep the contribution vectors (num_ops, B, *output).

@@ -171,3 +171,14 @@ def test_nothing_recorded_is_an_error() -> None:
     model = Functional()
     with pytest.raises(ValueError, match="nothing was recorded"), record(model):
         pass
+
+
+def test_paper_units_group_modules_as_the_reference_code() -> None:
+    model = timm.create_model("efficientnet_b0").eval()
+    with torch.no_grad(), record(model, units="paper") as rec:
+        model(torch.randn(2, 3, 64, 64))
+    names = rec.names
+    assert "bn1" in names and "bn1.act" not in names  # BatchNormAct2d is a BatchNorm2d: one layer
+    assert "blocks.1.0.se" in names and not any(n.startswith("blocks.1.0.se.") for n in names)
+    with pytest.raises(ValueError, match="'paper'"), record(model, units="reference"):
+        pass
