@@ -405,6 +405,14 @@ def _propagate(
     return tangents.get(id(out), out.new_zeros((g, *out.shape)))
 
 
+def _auto_group_size(ops: Sequence[OpRecord], device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    activation_bytes = sum(t.numel() * t.element_size() for op in ops for t in op.outputs)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(64, 0.5 * free // max(activation_bytes, 1))))
+
+
 def _record(model, x, head, layouts, units):
     with record(model, layouts=layouts, units=units) as rec:
         y = model(x)
@@ -428,7 +436,7 @@ def decompose(
     units: Sequence[str] | str = (),
     keep_maps: bool = False,
     num_probes: int = 100,
-    group_size: int = 8,
+    group_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Decomposition:
@@ -461,7 +469,9 @@ def decompose(
     num_probes, seed:
         For ``method="probe"``.
     group_size:
-        Vector target: ops pushed forward together (memory grows with it).
+        Vector target: ops pushed forward together; memory grows with it, speed too (fewer passes).
+        ``None``: 8 on CPU; on a GPU, as many as half the free memory holds copies of all
+        activations (at most 64).
     progress:
         Show a tqdm bar over ops.
     """
@@ -538,7 +548,8 @@ def decompose(
             vectors = torch.zeros(len(ops), *total.shape, dtype=torch.float64, device=dev)
             order = sorted(vs)
             last_use = _last_uses(ops)
-            groups = [order[k : k + group_size] for k in range(0, len(order), group_size)]
+            size = group_size or _auto_group_size(ops, dev)
+            groups = [order[k : k + size] for k in range(0, len(order), size)]
             with torch.no_grad():
                 for group in tqdm(groups, desc="contribution vectors", disable=not progress):
                     prop = _propagate(ops, vs, group, f, last_use)

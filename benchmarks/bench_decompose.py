@@ -78,7 +78,7 @@ def main() -> None:
         "--paper-probes", type=int, default=5, help="probes actually timed for the paper style"
     )
     parser.add_argument("--skip-vector", action="store_true")
-    parser.add_argument("--group", type=int, default=8, help="ops pushed forward together (vector exact)")
+    parser.add_argument("--group", type=int, default=None, help="ops pushed forward together (vector exact)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
