@@ -415,6 +415,8 @@ class Recording:
         call.last_op = len(self.ops)
         if call is self._unit:
             self._unit = None
+            if not call.template.inputs:
+                return  # computed from parameters only (a position embedding): a constant, not an op
             count = self._module_counts.get(id(module), 0)
             self._module_counts[id(module)] = count + 1
             name = call.path if count == 0 else f"{call.path}#{count}"

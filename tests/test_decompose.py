@@ -240,3 +240,27 @@ def test_probe_estimator_agrees_with_exact_norms_within_sampling_error() -> None
     assert (probe.values[~big] <= 1e-2 * exact.values.max()).all()
     with pytest.raises(ValueError, match="use target=None"):
         decompose(net, x, "scale", target=0, method="probe")
+
+
+class _Embedded(nn.Module):
+    """A position embedding produced by a submodule from its own parameters, then added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = nn.Linear(2, 4 * 8 * 8)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos(torch.ones(2, dtype=x.dtype)).reshape(1, 4, 8, 8)
+        y = torch.tanh(self.conv(x) + pos)
+        return self.head(y.mean((2, 3)))
+
+
+def test_modules_on_parameters_only_are_constants_not_ops() -> None:
+    torch.manual_seed(6)
+    model = _Embedded().double().eval()
+    d = decompose(model, random_images(2, 3, 8, 8), "rotate", target=1)
+    assert "pos" not in d.names
+    assert d.kinds[d.names.index("add")] == "position_embed"
+    assert d.completeness_error < 1e-12
