@@ -33,22 +33,12 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     modules = list(model.modules())
     modes = [m.training for m in modules]
     hooks = [{name: set(getattr(m, name, {}).keys()) for name in _HOOK_DICTS} for m in modules]
-    precision = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
+    saved_precision = _full_float32()
     try:
         model.eval()
-        # TF32 (the default for cuDNN convolutions on Ampere+ GPUs) keeps 10 mantissa bits: enough
-        # to break float32 completeness checks at 1e-3; analyses run in full float32 and restore it
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
         yield model
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = precision[:2]
-        torch.set_float32_matmul_precision(precision[2])
+        _restore_precision(saved_precision)
         for m, mode, before in zip(modules, modes, hooks, strict=True):
             m.training = mode
             for name, keys in before.items():
@@ -57,6 +47,31 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
                     continue
                 for k in [k for k in d if k not in keys]:
                     del d[k]
+
+
+def _precision_knobs() -> list[tuple[object, str]]:
+    """(object, attribute) pairs that control TF32: the new per-backend API where torch has it."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return [
+            (torch.backends.cuda.matmul, "fp32_precision"),
+            (torch.backends.cudnn.conv, "fp32_precision"),
+            (torch.backends.cudnn.rnn, "fp32_precision"),
+        ]
+    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+
+
+def _full_float32() -> list[tuple[object, str, object]]:
+    """Switch TF32 off (it keeps 10 mantissa bits: enough to break float32 completeness checks at
+    1e-3 on Ampere+ GPUs, where cuDNN convolutions use it by default); returns what to restore."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name in _precision_knobs()]
+    for obj, name, _ in saved:
+        setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+    return saved
+
+
+def _restore_precision(saved: list[tuple[object, str, object]]) -> None:
+    for obj, name, value in saved:
+        setattr(obj, name, value)
 
 
 def expected_in_channels(model: nn.Module) -> int | None:

@@ -142,6 +142,9 @@ def test_layout_that_cannot_be_inferred() -> None:
 
 
 def test_tf32_is_off_during_analysis_and_restored() -> None:
+    from aliasscope.borrow import _precision_knobs
+
+    knobs = _precision_knobs()
     seen = []
 
     class Probe(nn.Module):
@@ -150,14 +153,17 @@ def test_tf32_is_off_during_analysis_and_restored() -> None:
             self.net = smooth_cnn()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            seen.append([getattr(obj, name) for obj, name in knobs])
             return self.net(x)
 
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    before = [getattr(obj, name) for obj, name in knobs]
+    tf32 = ["tf32" if name == "fp32_precision" else True for _, name in knobs]
+    for (obj, name), value in zip(knobs, tf32, strict=True):
+        setattr(obj, name, value)
     try:
         lie_derivative(Probe(), random_images(), "rotate")
-        assert seen and all(flags == (False, False) for flags in seen)
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+        assert seen and all(v in ("ieee", False) for flags in seen for v in flags)
+        assert [getattr(obj, name) for obj, name in knobs] == tf32
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        for (obj, name), value in zip(knobs, before, strict=True):
+            setattr(obj, name, value)
