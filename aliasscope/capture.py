@@ -156,6 +156,49 @@ _POOL_REDUCE = {
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
 }
+_MOVES = {
+    "reshape",
+    "view",
+    "flatten",
+    "unflatten",
+    "view_as",
+    "reshape_as",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "t",
+    "mT",
+    "movedim",
+    "contiguous",
+    "clone",
+    "detach",
+    "unbind",
+    "split",
+    "chunk",
+    "tensor_split",
+    "cat",
+    "concat",
+    "concatenate",
+    "stack",
+    "Identity",
+    "Dropout",
+    "_unpack_dual",
+    "_make_dual",
+}
+_METADATA = {
+    "size",
+    "dim",
+    "shape",
+    "numel",
+    "stride",
+    "is_contiguous",
+    "__get__",
+    "element_size",
+    "nelement",
+}
 _PLAIN_BINARY = {
     torch.add,
     torch.sub,
@@ -239,7 +282,15 @@ class OpRecord:
 
     @property
     def exactly_equivariant(self) -> bool:
-        """True when its local Lie derivative is 0 by construction (pure layout changes)."""
+        """True when its local Lie derivative is 0 by construction.
+
+        Pure data movement (reshape, permute, concatenation, splitting, dropout in eval, identity)
+        only relabels which dimension is which; the layout rules give the result the roles that make
+        ``D`` commute with it. Indexing is excluded (reading out one grid token does not commute).
+        ``completeness_error`` still checks the claim: the total is computed independently.
+        """
+        if self.op in _MOVES:
+            return True
         return (
             self.kind in _ZERO_KINDS
             and all(lay == self.layout or not lay.is_image_like for lay in self.in_layouts)
@@ -313,6 +364,9 @@ class Recording:
         self._counts: dict[str, int] = {}
         self._module_counts: dict[int, int] = {}
         self._paths = {id(m): name for name, m in model.named_modules()}
+        self.alias_inputs = False
+        self.alias_of: dict[int, torch.Tensor] = {}
+        self._muted = False
 
     # -- queries --------------------------------------------------------------------------------
     @property
@@ -364,6 +418,31 @@ class Recording:
         self.input = x
         self._register(x, self.input_layout)
 
+    def original(self, t: torch.Tensor) -> torch.Tensor:
+        """The activation a per-op input alias stands for (the tensor itself if not an alias)."""
+        return self.alias_of.get(id(t), t)
+
+    def alias_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Give every image-dependent argument a private alias (a free view) for this call, so that
+        one backward pass yields the gradient reaching each op through each of its inputs."""
+        leaves, spec = tree_flatten((args, kwargs))
+        made: dict[int, torch.Tensor] = {}
+        for k, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and self.depends(leaf) and leaf.requires_grad:
+                if id(leaf) not in made:
+                    self._muted = True
+                    try:
+                        alias = leaf.view_as(leaf)
+                    finally:
+                        self._muted = False
+                    self._register(alias, self.layout_of(leaf))
+                    self.alias_of[id(alias)] = self.original(leaf)
+                    made[id(leaf)] = alias
+                leaves[k] = made[id(leaf)]
+        if not made:
+            return args, kwargs
+        return tree_unflatten(leaves, spec)
+
     def _unique_name(self, base: str) -> str:
         k = self._counts.get(base, 0)
         self._counts[base] = k + 1
@@ -375,18 +454,23 @@ class Recording:
             return True
         return next(module.children(), None) is None
 
-    def on_module_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def on_module_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         path = self._paths.get(id(module), type(module).__name__)
         parent = self._stack[-1] if self._stack else None
         template = _Template(args, kwargs, self.depends)
         mixes = self._unit is None and self._mixes_tokens(module, template)
         unit = self._unit is None and (self._is_unit(module, path) or mixes)
+        replaced = None
+        if unit and self.alias_inputs and template.inputs:
+            replaced = self.alias_args(args, kwargs)
+            template = _Template(*replaced, self.depends)
         call = _Call(path, module, parent, template, unit, len(self.ops), mixes_tokens=mixes)
         call.in_layouts = [self.layout_of(t) for t in template.inputs]
         self._stack.append(call)
         self._calls.append(call)
         if unit:
             self._unit = call
+        return replaced
 
     def _mixes_tokens(self, module: nn.Module, template: _Template) -> bool:
         """A container whose Linear layers act along a spatial dimension (an MLP across tokens)."""
@@ -766,9 +850,14 @@ class _RecordMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        rec = self.rec
+        if rec._muted:
+            return func(*args, **kwargs)
         func, args, kwargs = out_of_place(func, args, kwargs)
+        if rec.alias_inputs and rec._unit is None and func_name(func) not in _METADATA:
+            args, kwargs = rec.alias_args(args, kwargs)
         out = func(*args, **kwargs)
-        self.rec.on_call(func, args, kwargs, out)
+        rec.on_call(func, args, kwargs, out)
         return out
 
 
@@ -779,6 +868,7 @@ def record(
     input_layout: Layout = BCHW,
     layouts: dict[str, Layout] | None = None,
     units: Sequence[str] | str = (),
+    alias_inputs: bool = False,
 ) -> Iterator[Recording]:
     """Record every op of the forward passes run inside the block.
 
@@ -794,6 +884,10 @@ def record(
     units:
         Module paths (glob patterns) or class names (subclasses included) to record as a single op
         each; ``"paper"`` uses :data:`PAPER_UNITS`, the reference code's layer list.
+    alias_inputs:
+        Give each op private views of its inputs (while recording with gradients), so that one
+        backward pass gives the gradient reaching every op through every input: what
+        :func:`aliasscope.decompose.decompose` uses for exact scalar contributions.
 
     Examples
     --------
@@ -806,17 +900,18 @@ def record(
             raise ValueError(f"units must be a list of module paths/class names or 'paper', got {units!r}")
         units = PAPER_UNITS
     rec = Recording(model, input_layout, layouts or {}, units)
+    rec.alias_inputs = alias_inputs
     handles = []
     started = [False]
 
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if module is model and not started[0]:
             started[0] = True
             tensors = _tensors(args)
             if not tensors:
                 raise ValueError("the model's forward got no tensor input to record")
             rec.start(tensors[0])
-        rec.on_module_start(module, args, kwargs)
+        return rec.on_module_start(module, args, kwargs)
 
     def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if rec._stack and rec._stack[-1].module is module:

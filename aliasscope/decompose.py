@@ -12,10 +12,15 @@ the input, so the total telescopes:
 
 where ``J_{>i}`` is the Jacobian of the rest of the network with respect to op i's output. For a
 scalar target ``T`` (a class logit or probability per image) each op's contribution is the number
-``c_i = <dT/dh_out_i, v_i>``: one recorded forward, one local jvp per op and ONE backward give all of
-them, and the same backward gives the total independently of the ops, as
-``<dT/dx, D x> - <dT/dF, D F>``. ``completeness_error`` compares the two: it is zero to float
-precision when every op and every layout is right.
+``c_i = <dT/dh_out_i, v_i> = sum_inputs <J_i^T dT/dh_out_i, D h_in> - <dT/dh_out_i, D h_out_i>``. While
+recording, every op gets private aliases (free views) of its inputs, so ONE backward pass yields both
+``dT/dh_out_i`` and ``J_i^T dT/dh_out_i`` for every op: one forward, one backward and the generator on
+each activation give all contributions, no forward-mode pass at all. The same backward gives the total
+independently of the ops, as ``<dT/dx, D x> - <dT/dF, D F>``; a test checks the contributions against
+the forward-mode route (``J_i D h_in`` by jvp) and against finite differences. ``completeness_error``
+compares the total with the sum of contributions: zero to float precision when no computation between
+input and output escaped the recording. The whole-output route (``target=None``) pushes every ``v_i``
+forward by jvp instead, and there the check also covers each op's replay.
 """
 
 from __future__ import annotations
@@ -217,22 +222,33 @@ class Decomposition:
 class _DCache:
     """``D h`` of each activation, computed once and dropped after its last use."""
 
-    def __init__(self, transform: str, generator: str, ops: Sequence[OpRecord] = ()) -> None:
-        self.transform, self.generator = transform, generator
+    def __init__(
+        self,
+        transform: str,
+        generator: str,
+        ops: Sequence[OpRecord] = (),
+        original: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> None:
+        self.transform, self.generator, self.original = transform, generator, original
         self.values: dict[int, torch.Tensor] = {}
-        self.last_use = _last_uses(ops)
+        self.last_use: dict[int, int] = {}
+        for j, op in enumerate(ops):
+            for t in op.inputs:
+                self.last_use[id(original(t))] = j
 
     def get(self, t: torch.Tensor, layout: Layout) -> torch.Tensor:
+        t = self.original(t)
         d = self.values.get(id(t))
         if d is None:
-            d = apply_generator(t, self.transform, self.generator, layout)
+            d = apply_generator(t.detach(), self.transform, self.generator, layout)
             self.values[id(t)] = d
         return d
 
     def release(self, op_index: int, op: OpRecord) -> None:
         for t in op.inputs:
-            if self.last_use.get(id(t), -1) <= op_index:
-                self.values.pop(id(t), None)
+            key = id(self.original(t))
+            if self.last_use.get(key, -1) <= op_index:
+                self.values.pop(key, None)
 
 
 def _fast_tangent(op: OpRecord, us: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
@@ -413,8 +429,8 @@ def _auto_group_size(ops: Sequence[OpRecord], device: torch.device) -> int:
     return int(max(1, min(64, 0.5 * free // max(activation_bytes, 1))))
 
 
-def _record(model, x, head, layouts, units):
-    with record(model, layouts=layouts, units=units) as rec:
+def _record(model, x, head, layouts, units, alias_inputs=False):
+    with record(model, layouts=layouts, units=units, alias_inputs=alias_inputs) as rec:
         y = model(x)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"the model returned a {type(y).__name__}, not a tensor")
@@ -488,7 +504,7 @@ def decompose(
         x = images.detach().clone().requires_grad_(not vector or method == "probe")
         grad_ctx = torch.enable_grad() if x.requires_grad else torch.no_grad()
         with grad_ctx:
-            rec, f = _record(model, x, head, layouts, units)
+            rec, f = _record(model, x, head, layouts, units, alias_inputs=not vector)
             tdesc = "whole output"
             if not vector:
                 tvals, tdesc = _target_values(f, target)
@@ -509,8 +525,11 @@ def decompose(
         maps: dict[str, torch.Tensor] = {}
         extra: dict[str, Any] = {}
         if not vector:
-            outs = [t for op in ops if not _is_zero_by_construction(op) for t in op.outputs]
-            need = [t for t in [x, f, *outs] if t.requires_grad]
+            # c_i = <dT/dh_out, J D h_in - D h_out> = sum_in <J^T dT/dh_out, D h_in> - <dT/dh_out, D h_out>:
+            # every op sees private aliases of its inputs, so ONE backward gives J^T dT/dh_out per input
+            active = [op for op in ops if not _is_zero_by_construction(op)]
+            wanted = [x, f, *(t for op in active for t in (*op.inputs, *op.outputs))]
+            need = list({id(t): t for t in wanted if t.requires_grad}.values())
             with torch.enable_grad():
                 grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
             by_id = {id(t): gr for t, gr in zip(need, grads, strict=True)}
@@ -525,17 +544,16 @@ def decompose(
                 if f_layout.is_image_like:
                     df = apply_generator(f.detach(), transform, generator, f_layout)
                     total = total - _per_image(grad_of(f) * df, f_layout)
-                cache = _DCache(transform, generator, ops)
+                cache = _DCache(transform, generator, ops, original=rec.original)
                 for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
                     if not _is_zero_by_construction(op):
-                        terms = local_terms(op, transform, generator, cache)
-                        for k, ((j, d), h, lay) in enumerate(
-                            zip(terms, op.outputs, op.out_layouts, strict=True)
-                        ):
-                            g = grad_of(h)
-                            values[i] += (_bdot(g, j, lay) - _bdot(g, d, lay)).double()
-                            if keep_maps and k == 0:
-                                maps[op.name] = g * (j - d)
+                        for h, lay in zip(op.inputs, op.in_layouts, strict=True):
+                            values[i] += _bdot(grad_of(h), cache.get(h, lay), lay).double()
+                        for h, lay in zip(op.outputs, op.out_layouts, strict=True):
+                            values[i] -= _bdot(grad_of(h), cache.get(h, lay), lay).double()
+                        if keep_maps and op.outputs:
+                            (j, d), *_ = local_terms(op, transform, generator, cache)
+                            maps[op.name] = grad_of(op.outputs[0]) * (j - d)
                     cache.release(i, op)
                 del cache
             total = total.double().cpu()
