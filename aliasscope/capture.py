@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .forward_mode import out_of_place
-from .layout_rules import func_name, propagate
+from .layout_rules import ACTIVATIONS, NORMS, func_name, propagate
 from .layouts import BCHW, Layout
 
 __all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record"]
@@ -65,40 +65,8 @@ KINDS: dict[str, str] = {
 """The op taxonomy, with one line each."""
 
 _ZERO_KINDS = {"layout"}
-_NONLINEAR = {
-    "relu",
-    "relu6",
-    "gelu",
-    "silu",
-    "sigmoid",
-    "tanh",
-    "hardtanh",
-    "hardswish",
-    "hardsigmoid",
-    "elu",
-    "leaky_relu",
-    "mish",
-    "softplus",
-    "selu",
-    "celu",
-    "glu",
-    "prelu",
-    "rrelu",
-    "logsigmoid",
-    "softsign",
-    "threshold",
-    "swish",
-    "quick_gelu",
-}
-_NORMS = {
-    "batch_norm",
-    "layer_norm",
-    "group_norm",
-    "instance_norm",
-    "rms_norm",
-    "normalize",
-    "local_response_norm",
-}
+_NONLINEAR = ACTIVATIONS
+_NORMS = NORMS
 _LAYOUT_OPS = {
     "reshape",
     "view",
@@ -156,38 +124,9 @@ _POOL_REDUCE = {
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
 }
-_MOVES = {
-    "reshape",
-    "view",
-    "flatten",
-    "unflatten",
-    "view_as",
-    "reshape_as",
-    "squeeze",
-    "unsqueeze",
-    "permute",
-    "transpose",
-    "swapaxes",
-    "swapdims",
-    "t",
-    "mT",
-    "movedim",
-    "contiguous",
-    "clone",
-    "detach",
-    "unbind",
-    "split",
-    "chunk",
-    "tensor_split",
-    "cat",
-    "concat",
-    "concatenate",
-    "stack",
-    "Identity",
-    "Dropout",
-    "_unpack_dual",
-    "_make_dual",
-}
+# pure data movement: the layout rules give results roles that make D commute with it (indexing
+# excluded: reading out one grid token does not commute)
+_MOVES = (_LAYOUT_OPS - {"getitem", "select"}) | {"Identity", "Dropout"}
 _METADATA = {
     "size",
     "dim",

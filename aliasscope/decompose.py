@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
 from .lie import Output, _output_fn, lie_derivative
+from .results import save_text, to_json_text
 from .transforms import get_transform
 
 __all__ = ["decompose", "Decomposition", "local_lie_derivative"]
@@ -185,11 +185,7 @@ class Decomposition:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["order"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        text = buf.getvalue()
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
+        return save_text(buf.getvalue(), path)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, checks, shares by kind and per-op rows as plain Python types."""
@@ -209,14 +205,8 @@ class Decomposition:
         }
 
     def to_json(self, path: str | None = None) -> str:
-        """:meth:`to_dict` as JSON (written to ``path`` if given)."""
-        text = json.dumps(
-            self.to_dict(), indent=2, default=lambda o: None if isinstance(o, float) else str(o)
-        )
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
+        """:meth:`to_dict` as JSON (NaN written as null; written to ``path`` if given)."""
+        return save_text(to_json_text(self.to_dict()), path)
 
 
 class _DCache:

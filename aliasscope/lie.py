@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
 from .resample import resample
+from .results import save_text, to_json_text
 from .transforms import get_transform, transform_names
 
 __all__ = [
@@ -263,11 +263,7 @@ class EquivarianceMetrics:
         for i in range(self.num_images):
             file = self.files[i] if self.files else ""
             writer.writerow([i, file, *(f"{v:.9g}" for v in self.values[i].tolist())])
-        text = buf.getvalue()
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
+        return save_text(buf.getvalue(), path)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, per-transform summary and per-image values as plain Python types."""
@@ -285,21 +281,7 @@ class EquivarianceMetrics:
 
     def to_json(self, path: str | None = None) -> str:
         """:meth:`to_dict` as JSON (NaN written as null); also written to ``path`` if given."""
-
-        def clean(o: Any) -> Any:
-            if isinstance(o, float) and not math.isfinite(o):
-                return None
-            if isinstance(o, dict):
-                return {k: clean(v) for k, v in o.items()}
-            if isinstance(o, list):
-                return [clean(v) for v in o]
-            return o
-
-        text = json.dumps(clean(self.to_dict()), indent=2)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
+        return save_text(to_json_text(self.to_dict()), path)
 
 
 def equivariance_metrics(

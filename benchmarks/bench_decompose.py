@@ -78,6 +78,9 @@ def main() -> None:
         "--paper-probes", type=int, default=5, help="probes actually timed for the paper style"
     )
     parser.add_argument("--skip-vector", action="store_true")
+    parser.add_argument(
+        "--only-scalar", action="store_true", help="time the forward and the scalar exact only"
+    )
     parser.add_argument("--group", type=int, default=None, help="ops pushed forward together (vector exact)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,51 +101,53 @@ def main() -> None:
 
     fwd()
     t_fwd = _timed(fwd, dev, repeats=3)
-    rows = [("forward", t_fwd)]
     kw = {"output": "softmax"}
-    rows.append(
+    t = args.transform
+    cases = [  # name, function, warm up and take the best of 2 (cheap cases), or time one cold run
+        ("scalar exact (target=pred)", lambda: decompose(model, x, t, target="pred", **kw), True),
         (
-            "scalar exact (target=pred)",
-            _timed(lambda: decompose(model, x, args.transform, target="pred", **kw), dev),
-        )
-    )
-    if not args.skip_vector:
-        rows.append(
-            (
-                "vector exact (target=None)",
-                _timed(
-                    lambda: decompose(model, x, args.transform, target=None, group_size=args.group, **kw), dev
-                ),
-            )
-        )
-    rows.append(
+            "vector exact (target=None)",
+            lambda: decompose(model, x, t, target=None, group_size=args.group, **kw),
+            False,
+        ),
         (
             f"probe x{args.probes}, v_i reused",
-            _timed(
-                lambda: decompose(
-                    model, x, args.transform, target=None, method="probe", num_probes=args.probes, **kw
-                ),
-                dev,
-            ),
-        )
-    )
-    t_paper = _timed(lambda: paper_style_probes(model, x, args.transform, args.paper_probes), dev)
-    rows.append(
+            lambda: decompose(model, x, t, target=None, method="probe", num_probes=args.probes, **kw),
+            False,
+        ),
         (
             f"probe x{args.probes}, paper style (timed x{args.paper_probes})",
-            t_paper * args.probes / args.paper_probes,
-        )
-    )
-    print(f"{'case':<46} {'seconds':>10} {'x forward':>10}")
-    for case, t in rows:
-        print(f"{case:<46} {t:>10.3f} {t / t_fwd:>10.1f}")
-    scalar = rows[1][1]
-    paper = rows[-1][1]
-    print(f"scalar exact is {paper / scalar:.0f}x faster than {args.probes} paper-style probes")
-    if not args.skip_vector:
+            lambda: paper_style_probes(model, x, t, args.paper_probes),
+            False,
+        ),
+    ]
+    if args.skip_vector:
+        cases = [c for c in cases if not c[0].startswith("vector")]
+    if args.only_scalar:
+        cases = cases[:1]
+    rows = [("forward (warm, best of 3)", t_fwd)]
+    for name, fn, warm in cases:
+        if warm:
+            fn()  # first-call allocations are not the method's cost; the forward is timed warm too
+            name += " (warm, best of 2)"
+        secs = _timed(fn, dev, repeats=2 if warm else 1)
+        if "paper style" in name:
+            secs *= args.probes / args.paper_probes
+        rows.append((name, secs))
+    print(f"{'case':<52} {'seconds':>10} {'x forward':>10}")
+    for case, secs in rows:
+        print(f"{case:<52} {secs:>10.3f} {secs / t_fwd:>10.1f}")
+    by = {name.split(" (")[0]: secs for name, secs in rows}
+    paper = next((v for k, v in by.items() if "paper style" in k), None)
+    reused = next((v for k, v in by.items() if "v_i reused" in k), None)
+    if paper:
         print(
-            f"vector exact / {args.probes} reused probes = {rows[2][1] / rows[-2][1]:.2f}, "
-            f"/ {args.probes} paper-style probes = {rows[2][1] / paper:.2f}"
+            f"scalar exact is {paper / by['scalar exact']:.0f}x faster than {args.probes} paper-style probes"
+        )
+    if "vector exact" in by and paper and reused:
+        print(
+            f"vector exact / {args.probes} reused probes = {by['vector exact'] / reused:.2f}, "
+            f"/ {args.probes} paper-style probes = {by['vector exact'] / paper:.2f}"
         )
 
 

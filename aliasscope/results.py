@@ -1,0 +1,37 @@
+"""Shared helpers for result objects: every result writes the same way (text returned, file optional)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["save_text", "to_json_text"]
+
+
+def save_text(text: str, path: str | os.PathLike[str] | None) -> str:
+    """Write ``text`` to ``path`` when one is given; return ``text`` either way."""
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return text
+
+
+def _plain(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return _plain(o.tolist())
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_plain(v) for v in o]
+    return o
+
+
+def to_json_text(data: Any) -> str:
+    """JSON that any tool reads: tensors as lists, NaN and inf as null."""
+    return json.dumps(_plain(data), indent=2, default=str)
