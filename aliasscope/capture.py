@@ -777,9 +777,14 @@ def _kind_of_collapsed(call: _Call, ops: Sequence[OpRecord]) -> str:
     kinds = {op.kind for op in ops}
     if "attention" in kinds:
         return "attention"
-    if "downsampling" in kinds and len(ops) < 12:
+    # a short region around a strided op (Swin's patch merging: pad, fold 2x2, norm, linear) is that
+    # downsampling step; a long one is a whole block that merely contains one
+    if "downsampling" in kinds and len(ops) < _SHORT_REGION:
         return "downsampling"
     return "block"
+
+
+_SHORT_REGION = 12
 
 
 class _RecordMode(TorchFunctionMode):
