@@ -1,0 +1,169 @@
+"""Spectra and aliasing energy of activations and ops, by FFT.
+
+Primitives (all batched ``torch.fft``, no loops over channels):
+
+* :func:`power_spectrum`: mean 2-D power spectrum over batch and channels of an image-like tensor;
+  :func:`radial_profile` and :func:`hf_fraction` summarise it.
+* :func:`upsample` / :func:`downsample`: band-limited resampling by FFT zero-padding / truncation
+  (the ideal low-pass), the Nyquist term split symmetrically.
+* :func:`alias_ratio` and :func:`aliasing_error`: how much a pointwise op (nonlinearity, channel norm,
+  gating) aliases. The op's input is upsampled band-limitedly by ``s``, the op applied at the fine
+  resolution, and ``alias_ratio`` is the fraction of the output's energy outside the band the native
+  grid can represent; ``aliasing_error`` is ``||op(h) - down(op(up(h)))||^2 / ||op(h)||^2`` at the native
+  resolution. Both converge as ``s`` grows (:func:`convergence`).
+* :func:`stride_alias`: for a downsampling op evaluated at stride 1, the fraction of energy above the
+  output's Nyquist frequency (the part that folds back when subsampled by the stride).
+
+Frequencies are in cycles per image side. "Outside the band of an n-point grid" is measured as the
+energy removed by the ideal band-limited projection onto that grid, which keeps ``|k| < n / 2`` and the
+cosine part of the Nyquist frequency ``|k| = n / 2`` (its sine part vanishes on the grid's samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .layouts import BCHW, Layout
+
+__all__ = [
+    "power_spectrum",
+    "radial_profile",
+    "hf_fraction",
+    "upsample",
+    "downsample",
+    "alias_ratio",
+    "aliasing_error",
+    "convergence",
+    "stride_alias",
+]
+
+
+def _grid(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The tensor as a (M, 1, H, W) stack of grids (prefix tokens dropped)."""
+    img, _ = layout.to_bchw(x)
+    return img.reshape(-1, 1, *img.shape[-2:])
+
+
+def power_spectrum(x: torch.Tensor, layout: Layout = BCHW, window: str | None = None) -> torch.Tensor:
+    """Mean over batch and channels of ``|FFT2|^2 / (H W)`` (unshifted, ``fftfreq`` order), shape (H, W).
+
+    ``window="hann"`` tapers each grid first (less leakage from the image borders).
+    """
+    g = _grid(x, layout).double()
+    h, w = g.shape[-2:]
+    if window == "hann":
+        g = g * (
+            torch.hann_window(h, periodic=False, dtype=g.dtype, device=g.device)[:, None]
+            * torch.hann_window(w, periodic=False, dtype=g.dtype, device=g.device)[None, :]
+        )
+    elif window is not None:
+        raise ValueError(f"unknown window {window!r}; valid: None, 'hann'")
+    return (torch.fft.fft2(g).abs() ** 2).mean(dim=(0, 1)) / (h * w)
+
+
+def _radius(h: int, w: int, device=None) -> torch.Tensor:
+    """|k| / Nyquist per FFT bin (1 at the Nyquist frequency of each axis)."""
+    ky = torch.fft.fftfreq(h, device=device, dtype=torch.float64) * 2
+    kx = torch.fft.fftfreq(w, device=device, dtype=torch.float64) * 2
+    return torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+
+
+def radial_profile(power: torch.Tensor, bins: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean power in ``bins`` rings of ``|k| / Nyquist`` over [0, sqrt 2]; returns (centres, profile)."""
+    r = _radius(*power.shape, device=power.device)
+    edges = torch.linspace(0, 2**0.5 + 1e-9, bins + 1, dtype=torch.float64, device=power.device)
+    idx = torch.bucketize(r.flatten(), edges, right=True) - 1
+    total = torch.zeros(bins, dtype=torch.float64, device=power.device).index_add_(
+        0, idx, power.flatten().double()
+    )
+    count = torch.zeros(bins, dtype=torch.float64, device=power.device).index_add_(
+        0, idx, torch.ones_like(r.flatten())
+    )
+    return (edges[1:] + edges[:-1]) / 2, total / count.clamp_min(1)
+
+
+def hf_fraction(power: torch.Tensor, cutoff: float = 0.5) -> float:
+    """Fraction of the energy at ``|k| / Nyquist > cutoff``."""
+    r = _radius(*power.shape, device=power.device)
+    return (power[r > cutoff].sum() / power.sum().clamp_min(1e-300)).item()
+
+
+def _outside(y: torch.Tensor, hw: tuple[int, int]) -> float:
+    """Fraction of the energy of ``y`` (..., H', W') that an (h, w) grid cannot represent:
+    ``||y - up(down(y))||^2 / ||y||^2`` with the ideal band-limited projection, which keeps the cosine
+    (and drops the sine) part of a Nyquist frequency, as sampling on the coarse grid does."""
+    y = y.double()
+    fh, fw = y.shape[-2] // hw[0], y.shape[-1] // hw[1]
+    if fh * hw[0] != y.shape[-2] or fw * hw[1] != y.shape[-1] or fh != fw:
+        raise ValueError(f"cannot project a {tuple(y.shape[-2:])} grid onto {hw}: not an integer factor")
+    projected = upsample(downsample(y, hw), fh)
+    return ((y - projected).norm() ** 2 / y.norm().clamp_min(1e-300) ** 2).item()
+
+
+def upsample(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Band-limited (trigonometric) interpolation of (..., H, W) to (..., sH, sW) by FFT zero-padding."""
+    if s == 1:
+        return x
+    h, w = x.shape[-2:]
+    spec = torch.fft.fft2(x.double() if x.dtype == torch.float64 else x.float())
+    out = spec.new_zeros((*spec.shape[:-2], s * h, s * w))
+    ky = torch.fft.fftfreq(h, d=1.0 / h).long()
+    kx = torch.fft.fftfreq(w, d=1.0 / w).long()
+    fy, fx = ky % (s * h), kx % (s * w)
+    out[..., fy[:, None], fx[None, :]] = spec
+    # split the Nyquist bins of even axes between +n/2 and -n/2 (a cosine, not a one-sided wave)
+    if h % 2 == 0:
+        src = out[..., (-(h // 2)) % (s * h), :] / 2
+        out[..., (-(h // 2)) % (s * h), :] = src
+        out[..., (h // 2) % (s * h), :] = src
+    if w % 2 == 0:
+        src = out[..., :, (-(w // 2)) % (s * w)] / 2
+        out[..., :, (-(w // 2)) % (s * w)] = src
+        out[..., :, (w // 2) % (s * w)] = src
+    return torch.fft.ifft2(out).real.to(x.dtype) * (s * s)
+
+
+def downsample(y: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Ideal low-pass to the band of an (H, W) grid, then sample it there (FFT truncation)."""
+    hf, wf = y.shape[-2:]
+    h, w = hw
+    spec = torch.fft.fft2(y)
+    ky = torch.fft.fftfreq(h, d=1.0 / h).long() % hf
+    kx = torch.fft.fftfreq(w, d=1.0 / w).long() % wf
+    low = spec[..., ky[:, None], kx[None, :]]
+    if h % 2 == 0:  # fold the +n/2 bin onto -n/2 (both are one frequency on the coarse grid)
+        low[..., h // 2, :] += spec[..., (h // 2) % hf, :][..., kx]
+    if w % 2 == 0:
+        low[..., :, w // 2] += spec[..., ky, (w // 2) % wf]
+    if h % 2 == 0 and w % 2 == 0:
+        low[..., h // 2, w // 2] += spec[..., (h // 2) % hf, (w // 2) % wf]
+    return torch.fft.ifft2(low).real / ((hf // h) * (wf // w))
+
+
+def alias_ratio(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4) -> float:
+    """Fraction of the energy of ``op(upsample(h, s))`` outside the band of ``h``'s grid (B, C, H, W)."""
+    return _outside(op(upsample(h, s)), tuple(h.shape[-2:]))
+
+
+def aliasing_error(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4) -> float:
+    """``||op(h) - down(op(up(h)))||^2 / ||op(h)||^2``: the op's aliasing at the native resolution."""
+    native = op(h).double()
+    clean = downsample(op(upsample(h, s)).double(), tuple(h.shape[-2:]))
+    return ((native - clean).norm() ** 2 / native.norm().clamp_min(1e-300) ** 2).item()
+
+
+def convergence(
+    op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, factors: tuple[int, ...] = (2, 4, 8)
+) -> dict[int, tuple[float, float]]:
+    """``{s: (alias_ratio, aliasing_error)}`` for several upsampling factors, to trust the chosen s."""
+    return {s: (alias_ratio(op, h, s), aliasing_error(op, h, s)) for s in factors}
+
+
+def stride_alias(full: torch.Tensor, stride: int, layout: Layout = BCHW) -> float:
+    """Fraction of the energy of a stride-1 output above the Nyquist frequency of the strided output
+    (what folds back when it is subsampled by ``stride``)."""
+    g = _grid(full, layout)
+    h, w = g.shape[-2:]
+    return _outside(g, (h // stride, w // stride))

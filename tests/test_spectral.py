@@ -1,0 +1,134 @@
+"""Spectral primitives: closed-form aliasing of ReLU on a cosine, exact zeros, stride aliasing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_images
+
+from aliasscope.spectral import (
+    alias_ratio,
+    aliasing_error,
+    convergence,
+    downsample,
+    hf_fraction,
+    power_spectrum,
+    radial_profile,
+    stride_alias,
+    upsample,
+)
+
+
+def _cosine(n: int, k: int, rows: int = 4) -> torch.Tensor:
+    i = torch.arange(n, dtype=torch.float64)
+    return torch.cos(2 * math.pi * k * i / n).expand(1, 1, rows, n).clone()
+
+
+def _relu_cosine_alias(n: int, k: int, terms: int = 200_000) -> float:
+    """relu(cos t) = 1/pi + cos(t)/2 + sum_m (2/pi) (-1)^(m+1) cos(2 m t) / (4 m^2 - 1); mean square 1/4.
+    Energy outside the band of n samples: harmonics 2 m k > n / 2, each with energy c_m^2 / 2."""
+    m = torch.arange(1, terms, dtype=torch.float64)
+    c = (2 / math.pi) / (4 * m**2 - 1)
+    outside = 2 * m * k > n / 2
+    return ((c[outside] ** 2 / 2).sum() / 0.25).item()
+
+
+def _relu_cosine_sampled(n: int, k: int, s: int, terms: int = 1_000_000) -> float:
+    """The same series sampled on s * n points: each DFT bin j receives every harmonic h * k with
+    h * k = j (mod s * n) (a kink makes the fine samples alias a little too); exact for the method."""
+    fine = s * n
+    h = torch.arange(0, terms, dtype=torch.float64)
+    amp = torch.zeros_like(h)
+    amp[0], amp[1] = 1 / math.pi, 0.5
+    even = torch.arange(2, terms, 2)
+    m = even.double() / 2
+    amp[even] = (2 / math.pi) * (-1) ** (m + 1) / (4 * m**2 - 1)
+    bins = torch.zeros(fine, dtype=torch.float64)
+    for sign in (1, -1):  # a cosine is half at +f and half at -f (the constant term once)
+        weight = amp / 2 if sign == 1 else amp / 2
+        idx = (sign * h.long() * k) % fine
+        w = weight.clone()
+        if sign == -1:
+            w[0] = 0
+        else:
+            w[0] = amp[0]
+        bins.index_add_(0, idx, w)
+    power = bins**2
+    f = torch.fft.fftfreq(fine, d=1.0 / fine, dtype=torch.float64).abs()
+    inside = (f <= n / 2).double()  # every term is a zero-phase cosine: a Nyquist pair is representable
+    return (1 - (power * inside).sum() / power.sum()).item()
+
+
+@pytest.mark.parametrize(("n", "k", "s"), [(64, 5, 4), (64, 5, 8), (48, 7, 8), (64, 3, 4)])
+def test_relu_of_a_cosine_matches_its_sampled_fourier_series(n: int, k: int, s: int) -> None:
+    measured = alias_ratio(torch.relu, _cosine(n, k), s)
+    # the reference series is truncated at 1M harmonics: agreement measured at <= 5e-6 relative
+    assert abs(measured - _relu_cosine_sampled(n, k, s)) < 1e-4 * measured
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 5), (48, 7)])
+def test_relu_of_a_cosine_converges_to_the_continuous_series(n: int, k: int) -> None:
+    exact = _relu_cosine_alias(n, k)
+    errors = [abs(alias_ratio(torch.relu, _cosine(n, k), s) - exact) / exact for s in (4, 8, 16)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-3
+
+
+def test_estimates_converge_with_the_upsampling_factor() -> None:
+    out = convergence(torch.relu, _cosine(64, 5), factors=(2, 4, 8))
+    ratios = [out[s][0] for s in (2, 4, 8)]
+    assert abs(ratios[2] - ratios[1]) < abs(ratios[1] - ratios[0])
+    errors = [out[s][1] for s in (2, 4, 8)]
+    assert all(e > 0 for e in errors)
+    assert abs(errors[2] - errors[1]) < abs(errors[1] - errors[0])
+    assert abs(errors[2] - errors[1]) / errors[2] < 0.1
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: x,
+        lambda x: 2.5 * x - 0.3,
+        lambda x: torch.nn.functional.conv2d(x, torch.linspace(-1, 1, 12, dtype=x.dtype).reshape(4, 3, 1, 1)),
+    ],
+)
+def test_linear_pointwise_ops_do_not_alias(op) -> None:
+    h = random_images(2, 3, 16, 20)
+    assert alias_ratio(op, h, 4) < 1e-20
+    assert aliasing_error(op, h, 4) < 1e-20
+
+
+def test_upsample_interpolates_band_limited_signals_and_downsample_inverts_it() -> None:
+    h = random_images(2, 3, 12, 16)
+    torch.testing.assert_close(downsample(upsample(h, 4), (12, 16)), h, rtol=0, atol=1e-12)
+    fine = upsample(_cosine(16, 3), 4)
+    torch.testing.assert_close(fine, _cosine(64, 3, rows=16), rtol=0, atol=1e-12)
+    nyquist = upsample(_cosine(16, 8), 2)  # the Nyquist cosine interpolates as a cosine
+    torch.testing.assert_close(nyquist, _cosine(32, 8, rows=8), rtol=0, atol=1e-12)
+
+
+def test_stride_aliasing_of_band_limited_and_white_inputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 1, 64, 64, dtype=torch.float64, generator=g)
+    for s in (2, 4):
+        assert abs(stride_alias(noise, s) - (1 - 1 / s**2)) < 0.005
+        band_limited = upsample(downsample(noise, (64 // s, 64 // s)), s)  # ideal low-pass to the output band
+        assert stride_alias(band_limited, s) < 1e-20
+
+
+def test_power_spectrum_profile_and_high_frequency_fraction() -> None:
+    low = _cosine(32, 2, rows=32)
+    high = _cosine(32, 14, rows=32)
+    assert hf_fraction(power_spectrum(low)) < 1e-20
+    assert hf_fraction(power_spectrum(high)) > 1 - 1e-12
+    h = random_images(3, 2, 16, 16)
+    p = power_spectrum(h)
+    assert p.shape == (16, 16)
+    torch.testing.assert_close(p.sum() / 256, (h**2).mean(), rtol=1e-12, atol=0)  # Parseval
+    centres, profile = radial_profile(power_spectrum(low))
+    assert profile.argmax() == (centres - 2 / 16).abs().argmin()
+    with pytest.raises(ValueError, match="unknown window"):
+        power_spectrum(h, window="kaiser")
+    assert power_spectrum(h, window="hann").shape == (16, 16)
