@@ -6,7 +6,7 @@ The method is the Lie derivative of a network (Gruver, Finzi, Goldblum, Wilson, 
 Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~aliasscope.generators`
 (their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics)
 -> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decompose` (exact
-per-op attribution with a completeness check), with :mod:`~aliasscope.models` / :mod:`~aliasscope.data`
+per-op attribution with a completeness check) / :mod:`~aliasscope.spectral` (aliasing energy per op), with :mod:`~aliasscope.models` / :mod:`~aliasscope.data`
 to load real models and photos.
 
 Quick start::
@@ -30,6 +30,7 @@ from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
 from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
 from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
 from .resample import resample
+from .spectral import Spectrum, spectral
 from .transforms import TRANSFORMS, Transform, get_transform, transform_names
 
 __all__ = [
@@ -61,6 +62,9 @@ __all__ = [
     "KINDS",
     "decompose",
     "Decomposition",
+    # spectra
+    "spectral",
+    "Spectrum",
     # models and images
     "load_model",
     "Preprocess",

@@ -21,11 +21,21 @@ cosine part of the Nyquist frequency ``|k| = n / 2`` (its sine part vanishes on 
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .layouts import BCHW, Layout
+from .results import save_text, to_json_text
+
+if TYPE_CHECKING:
+    from .capture import OpRecord
 
 __all__ = [
     "power_spectrum",
@@ -37,6 +47,8 @@ __all__ = [
     "aliasing_error",
     "convergence",
     "stride_alias",
+    "spectral",
+    "Spectrum",
 ]
 
 
@@ -167,3 +179,171 @@ def stride_alias(full: torch.Tensor, stride: int, layout: Layout = BCHW) -> floa
     g = _grid(full, layout)
     h, w = g.shape[-2:]
     return _outside(g, (h // stride, w // stride))
+
+
+# -- per-op analysis of a whole model ------------------------------------------------------------
+
+_POINTWISE_NORMS = {"layer_norm", "LayerNorm", "LayerNorm2d", "batch_norm", "BatchNorm2d", "BatchNormAct2d"}
+_SINGLE_GRID = ("bchw", "bhwc", "tokens")
+
+
+@dataclass
+class Spectrum:
+    """Per-op spectral measures, in the op order of :func:`aliasscope.capture.record`.
+
+    ``alias_ratio`` and ``aliasing_error`` are measured for pointwise ops (nonlinearities, channel
+    norms), ``stride_alias`` for strided convolutions and pooling modules, ``hf_fraction`` (energy above
+    half the Nyquist frequency of the op's output) for every image-like op; NaN where not defined.
+    """
+
+    names: list[str]
+    kinds: list[str]
+    layouts: list[str]
+    alias_ratio: torch.Tensor
+    aliasing_error: torch.Tensor
+    stride_alias: torch.Tensor
+    hf_fraction: torch.Tensor
+    upsample: int
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """One row per op: order, name, kind, layout and the four measures."""
+        return [
+            {
+                "order": i,
+                "name": n,
+                "kind": k,
+                "layout": lay,
+                "alias_ratio": a,
+                "aliasing_error": e,
+                "stride_alias": sa,
+                "hf_fraction": hf,
+            }
+            for i, (n, k, lay, a, e, sa, hf) in enumerate(
+                zip(
+                    self.names,
+                    self.kinds,
+                    self.layouts,
+                    self.alias_ratio.tolist(),
+                    self.aliasing_error.tolist(),
+                    self.stride_alias.tolist(),
+                    self.hf_fraction.tolist(),
+                    strict=True,
+                )
+            )
+        ]
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Mean of each measure per op kind (NaN-aware)."""
+        out: dict[str, dict[str, float]] = {}
+        for kind in dict.fromkeys(self.kinds):
+            idx = [i for i, k in enumerate(self.kinds) if k == kind]
+            out[kind] = {
+                name: torch.nanmean(getattr(self, name)[idx]).item()
+                for name in ("alias_ratio", "aliasing_error", "stride_alias", "hf_fraction")
+            } | {"ops": len(idx)}
+        return out
+
+    def to_csv(self, path: str | None = None) -> str:
+        """:attr:`table` as CSV (written to ``path`` if given)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.table[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.table)
+        return save_text(buf.getvalue(), path)
+
+    def to_json(self, path: str | None = None) -> str:
+        """Settings, per-kind means and per-op rows as JSON (NaN as null)."""
+        return save_text(
+            to_json_text({"upsample": self.upsample, "by_kind": self.by_kind(), "ops": self.table}), path
+        )
+
+
+def _grid_op(op: OpRecord) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The op as a map of (B, C, H, W) grids at any resolution (prefix tokens kept as recorded)."""
+    lay_in, lay_out = op.in_layouts[0], op.out_layouts[0]
+    _, prefix = lay_in.to_bchw(op.inputs[0])
+
+    def relayout(layout: Layout, hw: tuple[int, int]) -> Layout:
+        return Layout.tokens(hw, layout.num_prefix) if layout.kind == "tokens" else layout
+
+    def fn(grid: torch.Tensor) -> torch.Tensor:
+        hw = tuple(grid.shape[-2:])
+        x = relayout(lay_in, hw).from_bchw(grid, prefix)
+        y = op.replay(x)
+        return relayout(lay_out, hw).to_bchw(y)[0]
+
+    return fn
+
+
+def _stride_one(op: OpRecord) -> tuple[Callable[[torch.Tensor], torch.Tensor], int] | None:
+    """A strided conv/pool module evaluated at stride 1 (same weights, 'same' padding), and its stride."""
+    m = op.unit
+    if isinstance(m, nn.Conv2d) and m.stride[0] == m.stride[1] and m.stride[0] > 1 and m.groups >= 1:
+        pad = tuple((k - 1) // 2 * d for k, d in zip(m.kernel_size, m.dilation, strict=True))
+        return (lambda x: F.conv2d(x, m.weight, m.bias, 1, pad, m.dilation, m.groups)), m.stride[0]
+    if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
+        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+        s = m.stride if isinstance(m.stride, int) else m.stride[0]
+        if s > 1:
+            pool = F.max_pool2d if isinstance(m, nn.MaxPool2d) else F.avg_pool2d
+            return (
+                lambda x: pool(F.pad(x, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2), mode="replicate"), k, 1)
+            ), s
+    return None
+
+
+def spectral(
+    model: nn.Module,
+    images: torch.Tensor,
+    upsample: int = 4,
+    *,
+    select: str | list[str] | Callable[[OpRecord], bool] | None = None,
+    layouts: dict[str, Layout] | None = None,
+    units: list[str] | str = (),
+    progress: bool = False,
+) -> Spectrum:
+    """Spectral aliasing measures for every recorded op of ``model`` on ``images`` (see :class:`Spectrum`)."""
+    from tqdm.auto import tqdm
+
+    from .borrow import borrowed, check_images
+    from .capture import record
+
+    images = check_images(images, model)
+    with borrowed(model), torch.no_grad():
+        with record(model, layouts=layouts, units=units) as rec:
+            model(images)
+        keep = rec.select(select)
+        nan = float("nan")
+        ar, ae, sa, hf = ([nan] * len(keep) for _ in range(4))
+        for j, i in enumerate(tqdm(keep, desc="spectra", disable=not progress)):
+            op = rec.ops[i]
+            lay = op.layout
+            if lay is None or lay.kind not in _SINGLE_GRID or not op.outputs:
+                continue
+            hf[j] = hf_fraction(power_spectrum(op.outputs[0], lay))
+            single = (
+                len(op.inputs) == 1 and op.in_layouts[0] is not None and op.in_layouts[0].kind in _SINGLE_GRID
+            )
+            pointwise = op.kind == "nonlinearity" or op.op in _POINTWISE_NORMS
+            if single and pointwise and op.inputs[0].shape == op.outputs[0].shape:
+                fn = _grid_op(op)
+                grid = op.in_layouts[0].to_bchw(op.inputs[0])[0]
+                ar[j] = alias_ratio(fn, grid, upsample)
+                ae[j] = aliasing_error(fn, grid, upsample)
+            strided = _stride_one(op) if single and op.kind == "downsampling" else None
+            if strided is not None:
+                fn, stride = strided
+                full = fn(op.inputs[0])
+                if full.shape[-1] % stride == 0 and full.shape[-2] % stride == 0:
+                    sa[j] = stride_alias(full, stride)
+    return Spectrum(
+        names=[rec.ops[i].name for i in keep],
+        kinds=[rec.ops[i].kind for i in keep],
+        layouts=[str(rec.ops[i].layout) for i in keep],
+        alias_ratio=torch.tensor(ar, dtype=torch.float64),
+        aliasing_error=torch.tensor(ae, dtype=torch.float64),
+        stride_alias=torch.tensor(sa, dtype=torch.float64),
+        hf_fraction=torch.tensor(hf, dtype=torch.float64),
+        upsample=upsample,
+    )

@@ -132,3 +132,57 @@ def test_power_spectrum_profile_and_high_frequency_fraction() -> None:
     with pytest.raises(ValueError, match="unknown window"):
         power_spectrum(h, window="kaiser")
     assert power_spectrum(h, window="hann").shape == (16, 16)
+
+
+def test_spectral_measures_every_op_of_a_model(tmp_path) -> None:
+    import csv
+    import json
+
+    from torch import nn
+
+    from aliasscope.spectral import spectral
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+    bn.running_mean.uniform_(-1, 1)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, stride=2, padding=1),
+            bn,
+            nn.ReLU(),
+            nn.Conv2d(6, 6, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 4),
+        )
+        .double()
+        .eval()
+    )
+    sp = spectral(model, random_images(2, 3, 32, 32), upsample=4)
+    rows = {r["name"]: r for r in sp.table}
+    assert rows["0"]["kind"] == "downsampling" and 0 < rows["0"]["stride_alias"] < 1
+    assert rows["5"]["kind"] == "downsampling" and 0 < rows["5"]["stride_alias"] < 1
+    assert rows["1"]["alias_ratio"] < 1e-20  # eval BatchNorm: per-channel affine, no aliasing
+    assert 1e-4 < rows["2"]["alias_ratio"] < 1 and rows["2"]["aliasing_error"] > 0
+    assert 1e-4 < rows["4"]["alias_ratio"] < 1
+    assert math.isnan(rows["8"]["alias_ratio"]) and math.isnan(rows["8"]["hf_fraction"])  # invariant head
+    assert 0 < rows["3"]["hf_fraction"] < 1
+    by_kind = sp.by_kind()
+    assert by_kind["nonlinearity"]["ops"] == 2 and by_kind["nonlinearity"]["alias_ratio"] > 0
+    parsed = list(csv.DictReader(sp.to_csv(tmp_path / "s.csv").splitlines()))
+    assert [r["name"] for r in parsed] == sp.names
+    assert json.loads(sp.to_json())["upsample"] == 4
+
+
+def test_spectral_on_a_vit_measures_token_ops() -> None:
+    import timm
+
+    from aliasscope.spectral import spectral
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    sp = spectral(model, torch.randn(2, 3, 32, 32), upsample=2)
+    kinds = sp.by_kind()
+    assert kinds["nonlinearity"]["alias_ratio"] > 0  # GELU on tokens
+    assert kinds["normalisation"]["alias_ratio"] >= 0  # LayerNorm per token
