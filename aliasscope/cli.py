@@ -106,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="what --layerwise attributes: 'pred' (each image's top class, default), a class "
         "index, or 'all' (the whole softmax vector, the paper's setting; slower)",
     )
+    diag.add_argument(
+        "--spectral",
+        action="store_true",
+        help="also measure aliasing energy per op and join it with the layer attribution "
+        "(implies --layerwise): writes spectral.csv and a rank correlation into summary.json",
+    )
+    diag.add_argument(
+        "--upsample",
+        type=_positive_int,
+        default=4,
+        help="band-limited upsampling factor of --spectral (default 4)",
+    )
+    diag.add_argument(
+        "--spectral-images",
+        type=_positive_int,
+        default=4,
+        help="images used by --spectral (default 4; it works at s times the resolution)",
+    )
     diag.add_argument("--quiet", action="store_true", help="no progress bars or table")
     diag.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the table")
     diag.set_defaults(func=diagnose)
@@ -174,8 +192,11 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         "versions": _versions(),
         "metrics": json.loads(metrics.to_json()),
     }
-    if args.layerwise:
-        summary["layerwise"] = _layerwise(args, model, images, out)
+    if args.layerwise or args.spectral:
+        layer_rows: list[dict[str, Any]] = []
+        summary["layerwise"] = _layerwise(args, model, images, out, layer_rows)
+        if args.spectral:
+            summary["spectral"] = _spectral(args, model, images, out, layer_rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -187,7 +208,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         print(metrics.summary())
         if top1 is not None:
             print(f"top-1 accuracy: {100 * top1:.1f}% ({len(batch)} labelled images)")
-        written = ", ".join(n for n in ("metrics.csv", "layers.csv", "summary.json") if (out / n).exists())
+        names = ("metrics.csv", "layers.csv", "spectral.csv", "summary.json")
+        written = ", ".join(n for n in names if (out / n).exists())
         print(f"wrote {written} into {out}/ ({time.perf_counter() - start:.1f} s)")
     return summary
 
@@ -203,16 +225,58 @@ def _parse_target(text: str) -> int | str | None:
         raise ValueError(f"--target must be 'pred', 'all' or a class index, got {text!r}") from None
 
 
-def _layerwise(
-    args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path
+def _spectral(
+    args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path, layer_rows: list[dict]
 ) -> dict[str, Any]:
-    """Decompose each --layer-transforms over all images; write layers.csv; return the summary part."""
+    """Aliasing per op joined with its Lie-derivative share; writes spectral.csv; returns the summary part."""
+    from scipy import stats
+
+    from .spectral import spectral
+
+    sp = spectral(model, images[: args.spectral_images], upsample=args.upsample, progress=not args.quiet)
+    shares: dict[str, list[float]] = {}
+    for row in layer_rows:
+        shares.setdefault(row["name"], []).append(float(row["share"]))
+    rows, pairs = [], []
+    for r in sp.table:
+        share = sum(shares[r["name"]]) / len(shares[r["name"]]) if r["name"] in shares else float("nan")
+        alias = r["alias_ratio"] if r["alias_ratio"] == r["alias_ratio"] else r["stride_alias"]
+        rows.append({**r, "alias": alias, "lie_share": share})
+        # ops that are linear per pixel (eval BatchNorm) have alias ~0 (rounding) and share 0 by construction:
+        # ranking them would only inflate the correlation
+        if alias == alias and share == share and alias > 1e-9:
+            pairs.append((share, alias))
+    with (out / "spectral.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    join: dict[str, Any] = {"ops": len(pairs), "spearman_rho": None, "p_value": None}
+    if len(pairs) >= 3:
+        res = stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
+        join.update(spearman_rho=float(res.statistic), p_value=float(res.pvalue))
+    if not args.quiet and not args.json:
+        print(
+            f"spectral: {len(pairs)} ops with an alias measure; Spearman rank correlation of alias energy "
+            f"with the Lie-derivative share: {join['spearman_rho']}"
+        )
+    return {
+        "upsample": args.upsample,
+        "images": int(min(args.spectral_images, images.shape[0])),
+        "by_kind": sp.by_kind(),
+        "join": join,
+    }
+
+
+def _layerwise(
+    args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path, rows: list[dict]
+) -> dict[str, Any]:
+    """Decompose each --layer-transforms over all images; write layers.csv into ``rows`` and a file;
+    return the summary part."""
     from tqdm.auto import tqdm
 
     from .decompose import Decomposition, decompose
 
     target = _parse_target(args.target)
-    rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     starts = list(range(0, images.shape[0], args.batch_size))
     bar = tqdm(total=len(starts) * len(args.layer_transforms), desc="layer attribution", disable=args.quiet)

@@ -182,3 +182,32 @@ def test_bad_layerwise_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ]
     assert main(argv) == 2
     assert "--target must be" in _error_line(capsys)
+
+
+def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "diagnose",
+        *TINY,
+        "--images",
+        str(_photos(tmp_path / "imgs", 2)),
+        "--out",
+        str(out),
+        "--spectral",
+        "--layer-transforms",
+        "translate_x",
+        "--upsample",
+        "2",
+        "--spectral-images",
+        "1",
+    ]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "spectral.csv").open()))
+    assert {"name", "kind", "alias_ratio", "stride_alias", "alias", "lie_share", "hf_fraction"} <= set(
+        rows[0]
+    )
+    assert any(float(r["alias_ratio"]) > 0 for r in rows if r["kind"] == "nonlinearity")
+    summary = json.loads((out / "summary.json").read_text())
+    join = summary["spectral"]["join"]
+    assert join["ops"] >= 3 and -1 <= join["spearman_rho"] <= 1
+    assert (out / "layers.csv").exists()
