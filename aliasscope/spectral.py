@@ -45,6 +45,7 @@ __all__ = [
     "downsample",
     "alias_ratio",
     "aliasing_error",
+    "pointwise_aliasing",
     "convergence",
     "stride_alias",
     "spectral",
@@ -154,6 +155,19 @@ def downsample(y: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return torch.fft.ifft2(low).real / ((hf // h) * (wf // w))
 
 
+def pointwise_aliasing(
+    op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4
+) -> tuple[float, float]:
+    """``(alias_ratio, aliasing_error)`` of a pointwise op from one fine-resolution evaluation."""
+    hw = tuple(h.shape[-2:])
+    y = op(upsample(h, s)).double()
+    low = downsample(y, hw)
+    ratio = ((y - upsample(low, s)).norm() ** 2 / y.norm().clamp_min(1e-300) ** 2).item()
+    native = op(h).double()
+    error = ((native - low).norm() ** 2 / native.norm().clamp_min(1e-300) ** 2).item()
+    return ratio, error
+
+
 def alias_ratio(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4) -> float:
     """Fraction of the energy of ``op(upsample(h, s))`` outside the band of ``h``'s grid (B, C, H, W)."""
     return _outside(op(upsample(h, s)), tuple(h.shape[-2:]))
@@ -161,16 +175,14 @@ def alias_ratio(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: 
 
 def aliasing_error(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4) -> float:
     """``||op(h) - down(op(up(h)))||^2 / ||op(h)||^2``: the op's aliasing at the native resolution."""
-    native = op(h).double()
-    clean = downsample(op(upsample(h, s)).double(), tuple(h.shape[-2:]))
-    return ((native - clean).norm() ** 2 / native.norm().clamp_min(1e-300) ** 2).item()
+    return pointwise_aliasing(op, h, s)[1]
 
 
 def convergence(
     op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, factors: tuple[int, ...] = (2, 4, 8)
 ) -> dict[int, tuple[float, float]]:
     """``{s: (alias_ratio, aliasing_error)}`` for several upsampling factors, to trust the chosen s."""
-    return {s: (alias_ratio(op, h, s), aliasing_error(op, h, s)) for s in factors}
+    return {s: pointwise_aliasing(op, h, s) for s in factors}
 
 
 def stride_alias(full: torch.Tensor, stride: int, layout: Layout = BCHW) -> float:
@@ -329,8 +341,7 @@ def spectral(
             if single and pointwise and op.inputs[0].shape == op.outputs[0].shape:
                 fn = _grid_op(op)
                 grid = op.in_layouts[0].to_bchw(op.inputs[0])[0]
-                ar[j] = alias_ratio(fn, grid, upsample)
-                ae[j] = aliasing_error(fn, grid, upsample)
+                ar[j], ae[j] = pointwise_aliasing(fn, grid, upsample)
             strided = _stride_one(op) if single and op.kind == "downsampling" else None
             if strided is not None:
                 fn, stride = strided

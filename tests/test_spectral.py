@@ -186,3 +186,13 @@ def test_spectral_on_a_vit_measures_token_ops() -> None:
     kinds = sp.by_kind()
     assert kinds["nonlinearity"]["alias_ratio"] > 0  # GELU on tokens
     assert kinds["normalisation"]["alias_ratio"] >= 0  # LayerNorm per token
+
+
+def test_pointwise_aliasing_agrees_with_the_separate_measures() -> None:
+    from aliasscope.spectral import pointwise_aliasing
+
+    h = random_images(2, 3, 16, 16)
+    ratio, error = pointwise_aliasing(torch.nn.functional.gelu, h, 4)
+    assert ratio == pytest.approx(alias_ratio(torch.nn.functional.gelu, h, 4), rel=1e-9)
+    assert error == pytest.approx(aliasing_error(torch.nn.functional.gelu, h, 4), rel=1e-9)
+    assert 0 < ratio < 1 and 0 < error < 1
