@@ -197,6 +197,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         summary["layerwise"] = _layerwise(args, model, images, out, layer_rows)
         if args.spectral:
             summary["spectral"] = _spectral(args, model, images, out, layer_rows)
+        summary["seconds"] = round(time.perf_counter() - start, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(summary, indent=2))
