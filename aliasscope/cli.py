@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import sys
@@ -16,6 +15,7 @@ import torch
 
 from . import __version__
 from .generators import generator_names
+from .results import rows_to_csv
 from .transforms import transform_names
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -247,10 +247,7 @@ def _spectral(
         # ranking them would only inflate the correlation
         if alias == alias and share == share and alias > 1e-9:
             pairs.append((share, alias))
-    with (out / "spectral.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows_to_csv(rows, out / "spectral.csv")
     join: dict[str, Any] = {"ops": len(pairs), "spearman_rho": None, "p_value": None}
     if len(pairs) >= 3:
         res = stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
@@ -307,10 +304,7 @@ def _layerwise(
         if not args.quiet and not args.json:
             tqdm.write(d.summary(5))
     bar.close()
-    with (out / "layers.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows_to_csv(rows, out / "layers.csv")
     return result
 
 

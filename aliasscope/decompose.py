@@ -25,8 +25,6 @@ forward by jvp instead, and there the check also covers each op's replay.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,12 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .borrow import borrowed, check_images
-from .capture import KINDS, OpRecord, record
+from .capture import KINDS, OpRecord, _tensors, record
 from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
 from .lie import Output, _output_fn, lie_derivative
-from .results import save_text, to_json_text
+from .results import rows_to_csv, save_text, to_json_text
 from .transforms import get_transform
 
 __all__ = ["decompose", "Decomposition", "local_lie_derivative"]
@@ -180,12 +178,7 @@ class Decomposition:
 
     def to_csv(self, path: str | None = None) -> str:
         """:attr:`table` as CSV (written to ``path`` if given)."""
-        buf = io.StringIO()
-        rows = self.table
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["order"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return save_text(buf.getvalue(), path)
+        return rows_to_csv(self.table, path)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, checks, shares by kind and per-op rows as plain Python types."""
@@ -221,10 +214,7 @@ class _DCache:
     ) -> None:
         self.transform, self.generator, self.original = transform, generator, original
         self.values: dict[int, torch.Tensor] = {}
-        self.last_use: dict[int, int] = {}
-        for j, op in enumerate(ops):
-            for t in op.inputs:
-                self.last_use[id(original(t))] = j
+        self.last_use = _last_uses(ops, original)
 
     def get(self, t: torch.Tensor, layout: Layout) -> torch.Tensor:
         t = self.original(t)
@@ -279,7 +269,7 @@ def local_terms(
             flat = [fast]
         else:
             _, jout = jvp(op.replay, tuple(op.inputs), tangents)
-            flat = [t for t in _flatten(jout) if t.is_floating_point()]
+            flat = [t for t in _tensors(jout) if t.is_floating_point()]
         if len(flat) != len(op.outputs):
             raise RuntimeError(
                 f"op {op.name!r} gave {len(flat)} outputs on replay, {len(op.outputs)} when recorded"
@@ -302,24 +292,9 @@ def _bdot(a: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
     return torch.bmm(a2, b2.to(a2.dtype)).reshape(-1)
 
 
-def _flatten(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, list | tuple):
-        return [t for o in obj for t in _flatten(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _flatten(o)]
-    return []
-
-
 def _batch_dim(layout: Layout) -> int:
     roles = layout.roles
     return 0 if roles is None or "b" not in roles else roles.index("b")
-
-
-def _per_image(t: torch.Tensor, layout: Layout) -> torch.Tensor:
-    b = _batch_dim(layout)
-    return t.movedim(b, 0).flatten(1).sum(1) if t.dim() > 1 else t
 
 
 def _is_zero_by_construction(op: OpRecord) -> bool:
@@ -355,11 +330,14 @@ def _target_values(f: torch.Tensor, target: Target) -> tuple[torch.Tensor, str]:
     return f.gather(1, idx[:, None])[:, 0], desc
 
 
-def _last_uses(ops: Sequence[OpRecord]) -> dict[int, int]:
+def _last_uses(
+    ops: Sequence[OpRecord], key: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> dict[int, int]:
+    """Index of the last op reading each activation (``key`` maps an input alias to what it stands for)."""
     last: dict[int, int] = {}
     for j, op in enumerate(ops):
         for t in op.inputs:
-            last[id(t)] = j
+            last[id(key(t))] = j
     return last
 
 
@@ -393,7 +371,7 @@ def _propagate(
                 *ts: torch.Tensor, _op: OpRecord = op, _inputs: tuple = inputs
             ) -> tuple[torch.Tensor, ...]:
                 _, jout = jvp(_op.replay, _inputs, ts)
-                return tuple(t for t in _flatten(jout) if t.is_floating_point())
+                return tuple(t for t in _tensors(jout) if t.is_floating_point())
 
             new = list(torch.func.vmap(push)(*tin))
         if j in slot:
@@ -530,10 +508,10 @@ def decompose(
 
             with torch.no_grad():
                 dx = apply_generator(x.detach(), transform, generator, rec.input_layout)
-                total = _per_image(grad_of(x) * dx, rec.input_layout)
+                total = _bdot(grad_of(x), dx, rec.input_layout)
                 if f_layout.is_image_like:
                     df = apply_generator(f.detach(), transform, generator, f_layout)
-                    total = total - _per_image(grad_of(f) * df, f_layout)
+                    total = total - _bdot(grad_of(f), df, f_layout)
                 cache = _DCache(transform, generator, ops, original=rec.original)
                 for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
                     if not _is_zero_by_construction(op):

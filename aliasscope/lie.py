@@ -8,8 +8,6 @@ model with one forward-mode Jacobian-vector product (:func:`aliasscope.forward_m
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
 from .resample import resample
-from .results import save_text, to_json_text
+from .results import rows_to_csv, save_text, to_json_text
 from .transforms import get_transform, transform_names
 
 __all__ = [
@@ -257,13 +255,17 @@ class EquivarianceMetrics:
 
     def to_csv(self, path: str | None = None) -> str:
         """Per-image values (one column per transform) as CSV; also written to ``path`` if given."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["image", "file", *self.transforms])
-        for i in range(self.num_images):
-            file = self.files[i] if self.files else ""
-            writer.writerow([i, file, *(f"{v:.9g}" for v in self.values[i].tolist())])
-        return save_text(buf.getvalue(), path)
+        rows = [
+            {
+                "image": i,
+                "file": self.files[i] if self.files else "",
+                **{
+                    name: f"{v:.9g}" for name, v in zip(self.transforms, self.values[i].tolist(), strict=True)
+                },
+            }
+            for i in range(self.num_images)
+        ]
+        return rows_to_csv(rows, path)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, per-transform summary and per-image values as plain Python types."""

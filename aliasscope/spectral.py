@@ -21,8 +21,6 @@ cosine part of the Nyquist frequency ``|k| = n / 2`` (its sine part vanishes on 
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layouts import BCHW, Layout
-from .results import save_text, to_json_text
+from .results import rows_to_csv, save_text, to_json_text
 
 if TYPE_CHECKING:
     from .capture import OpRecord
@@ -111,8 +109,12 @@ def _outside(y: torch.Tensor, hw: tuple[int, int]) -> float:
     fh, fw = y.shape[-2] // hw[0], y.shape[-1] // hw[1]
     if fh * hw[0] != y.shape[-2] or fw * hw[1] != y.shape[-1] or fh != fw:
         raise ValueError(f"cannot project a {tuple(y.shape[-2:])} grid onto {hw}: not an integer factor")
-    projected = upsample(downsample(y, hw), fh)
-    return ((y - projected).norm() ** 2 / y.norm().clamp_min(1e-300) ** 2).item()
+    return _relative_sq(y, upsample(downsample(y, hw), fh))
+
+
+def _relative_sq(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b||^2 / ||a||^2``."""
+    return ((a - b).norm() ** 2 / a.norm().clamp_min(1e-300) ** 2).item()
 
 
 def upsample(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -162,10 +164,7 @@ def pointwise_aliasing(
     hw = tuple(h.shape[-2:])
     y = op(upsample(h, s)).double()
     low = downsample(y, hw)
-    ratio = ((y - upsample(low, s)).norm() ** 2 / y.norm().clamp_min(1e-300) ** 2).item()
-    native = op(h).double()
-    error = ((native - low).norm() ** 2 / native.norm().clamp_min(1e-300) ** 2).item()
-    return ratio, error
+    return _relative_sq(y, upsample(low, s)), _relative_sq(op(h).double(), low)
 
 
 def alias_ratio(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4) -> float:
@@ -258,11 +257,7 @@ class Spectrum:
 
     def to_csv(self, path: str | None = None) -> str:
         """:attr:`table` as CSV (written to ``path`` if given)."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.table[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.table)
-        return save_text(buf.getvalue(), path)
+        return rows_to_csv(self.table, path)
 
     def to_json(self, path: str | None = None) -> str:
         """Settings, per-kind means and per-op rows as JSON (NaN as null)."""

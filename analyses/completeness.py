@@ -13,7 +13,6 @@ the unattributed share, the number of ops and the share of the largest op kinds.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from aliasscope import decompose, load_images, load_model
+from aliasscope.results import rows_to_csv
 
 MODELS = [
     "resnet50",
@@ -95,10 +95,7 @@ def main() -> None:
         model.float()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "completeness.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows_to_csv(rows, out / "completeness.csv")
     print(f"wrote {out / 'completeness.csv'}")
 
 

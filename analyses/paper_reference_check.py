@@ -17,7 +17,6 @@ Writes ``paper_reference_check.csv`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aliasscope import lie_derivative, load_images, load_model, resample, transform_names
+from aliasscope.results import rows_to_csv
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample" / "labels.csv"
 
@@ -105,10 +105,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"paper_reference_check_{args.model}.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows_to_csv(rows, path)
     print(f"wrote {path}")
 
 
