@@ -14,31 +14,15 @@ scaled to 100 (its cost is linear in the probe count); say so when quoting it.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import timm
 import torch
 import torch.nn.functional as F
+from timing import best_time
 
 from aliasscope.capture import record
 from aliasscope.decompose import _is_zero_by_construction, decompose, local_lie_derivative
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str, repeats: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def paper_style_probes(model, x, transform: str, num_probes: int) -> None:
@@ -99,8 +83,7 @@ def main() -> None:
         with torch.no_grad():
             model(x)
 
-    fwd()
-    t_fwd = _timed(fwd, dev, repeats=3)
+    t_fwd = best_time(fwd, dev, repeats=3, warmup=True)
     kw = {"output": "softmax"}
     t = args.transform
     cases = [  # name, function, warm up and take the best of 2 (cheap cases), or time one cold run
@@ -127,10 +110,9 @@ def main() -> None:
         cases = cases[:1]
     rows = [("forward (warm, best of 3)", t_fwd)]
     for name, fn, warm in cases:
-        if warm:
-            fn()  # first-call allocations are not the method's cost; the forward is timed warm too
+        if warm:  # first-call allocations are not the method's cost; the forward is timed warm too
             name += " (warm, best of 2)"
-        secs = _timed(fn, dev, repeats=2 if warm else 1)
+        secs = best_time(fn, dev, repeats=2 if warm else 1, warmup=warm)
         if "paper style" in name:
             secs *= args.probes / args.paper_probes
         rows.append((name, secs))

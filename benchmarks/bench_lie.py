@@ -19,13 +19,9 @@ from collections.abc import Callable
 import timm
 import torch
 import torch.nn.functional as F
+from timing import sync
 
 from aliasscope import apply_generator, lie_derivative
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -75,10 +71,10 @@ def main() -> None:
         fn()
     for _ in range(args.repeats):
         for name, fn in cases.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
 
     base = statistics.median(times["forward"])

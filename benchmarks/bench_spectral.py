@@ -9,30 +9,13 @@ requested upsampling factor (warm-up first, best of 2), as seconds and ratios to
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import timm
 import torch
+from timing import best_time
 
 from aliasscope.spectral import spectral
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _best(fn, device: str, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -58,11 +41,11 @@ def main() -> None:
         with torch.no_grad():
             model(x)
 
-    t_fwd = _best(fwd, args.device, 3)
+    t_fwd = best_time(fwd, args.device, 3, warmup=True)
     print(f"{'case':<30} {'seconds':>10} {'x forward':>10}")
     print(f"{'forward':<30} {t_fwd:>10.3f} {1.0:>10.1f}")
     for s in args.upsample:
-        t = _best(lambda s=s: spectral(model, x, upsample=s), args.device, 2)
+        t = best_time(lambda s=s: spectral(model, x, upsample=s), args.device, 2, warmup=True)
         print(f"{f'spectral, upsample {s}':<30} {t:>10.3f} {t / t_fwd:>10.1f}")
 
 

@@ -16,6 +16,11 @@ from aliasscope.cli import build_parser, main
 TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
 
 
+def _diagnose_tiny(tmp_path: Path, images: Path, *extra: str) -> int:
+    """``aliasscope diagnose`` on a tiny random model, writing into ``tmp_path / "out"``."""
+    return main(["diagnose", *TINY, "--images", str(images), "--out", str(tmp_path / "out"), *extra])
+
+
 def _photos(folder: Path, n: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -26,7 +31,7 @@ def _photos(folder: Path, n: int = 3) -> Path:
 
 def test_diagnose_writes_metrics_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main(["diagnose", *TINY, "--images", str(_photos(tmp_path / "imgs")), "--out", str(out)]) == 0
+    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs")) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 3 and set(rows[0]) == {"image", "file", "translate_x", "rotate"}
     assert all(float(r["rotate"]) > 0 for r in rows)
@@ -38,7 +43,7 @@ def test_diagnose_writes_metrics_and_summary(tmp_path: Path) -> None:
 
 def test_diagnose_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     imgs = _photos(tmp_path / "imgs", 2)
-    assert main(["diagnose", *TINY, "--images", str(imgs), "--out", str(tmp_path / "o"), "--json"]) == 0
+    assert _diagnose_tiny(tmp_path, imgs, "--json") == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["generator"] == "central" and printed["num_images"] == 2
 
@@ -79,26 +84,26 @@ def test_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_empty_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    assert main(["diagnose", *TINY, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert _diagnose_tiny(tmp_path, tmp_path / "empty") == 2
     assert "no image files" in _error_line(capsys)
 
 
 def test_unreadable_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     imgs = _photos(tmp_path / "imgs", 1)
     (imgs / "broken.jpg").write_bytes(b"not a jpeg")
-    assert main(["diagnose", *TINY, "--images", str(imgs), "--out", str(tmp_path / "o")]) == 2
+    assert _diagnose_tiny(tmp_path, imgs) == 2
     assert "broken.jpg" in _error_line(capsys)
 
 
 def test_labels_csv_with_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     imgs = _photos(tmp_path / "imgs", 1)
     (imgs / "labels.csv").write_text("file,class_index\nimg0.png,3\nmissing.png,4\n")
-    assert main(["diagnose", *TINY, "--images", str(imgs / "labels.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert _diagnose_tiny(tmp_path, imgs / "labels.csv") == 2
     assert "missing.png" in _error_line(capsys)
 
 
 def test_missing_image_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["diagnose", *TINY, "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert _diagnose_tiny(tmp_path, tmp_path / "nope") == 2
     assert "nope" in _error_line(capsys)
 
 
@@ -145,19 +150,8 @@ def test_help_lists_every_option() -> None:
 
 def test_diagnose_layerwise_writes_layers_csv(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = [
-        "diagnose",
-        *TINY,
-        "--images",
-        str(_photos(tmp_path / "imgs", 2)),
-        "--out",
-        str(out),
-        "--layerwise",
-        "--layer-transforms",
-        "translate_x",
-        "scale",
-    ]
-    assert main(argv) == 0
+    extra = ["--layerwise", "--layer-transforms", "translate_x", "scale"]
+    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra) == 0
     rows = list(csv.DictReader((out / "layers.csv").open()))
     assert {r["transform"] for r in rows} == {"translate_x", "scale"}
     assert {"order", "name", "kind", "layout", "shape", "mean", "share"} <= set(rows[0])
@@ -169,39 +163,14 @@ def test_diagnose_layerwise_writes_layers_csv(tmp_path: Path) -> None:
 
 
 def test_bad_layerwise_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [
-        "diagnose",
-        *TINY,
-        "--images",
-        str(_photos(tmp_path / "imgs", 1)),
-        "--out",
-        str(tmp_path / "o"),
-        "--layerwise",
-        "--target",
-        "best",
-    ]
-    assert main(argv) == 2
+    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 1), "--layerwise", "--target", "best") == 2
     assert "--target must be" in _error_line(capsys)
 
 
 def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = [
-        "diagnose",
-        *TINY,
-        "--images",
-        str(_photos(tmp_path / "imgs", 2)),
-        "--out",
-        str(out),
-        "--spectral",
-        "--layer-transforms",
-        "translate_x",
-        "--upsample",
-        "2",
-        "--spectral-images",
-        "1",
-    ]
-    assert main(argv) == 0
+    extra = ["--spectral", "--layer-transforms", "translate_x", "--upsample", "2", "--spectral-images", "1"]
+    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra) == 0
     rows = list(csv.DictReader((out / "spectral.csv").open()))
     assert {"name", "kind", "alias_ratio", "stride_alias", "alias", "lie_share", "hf_fraction"} <= set(
         rows[0]
