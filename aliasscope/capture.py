@@ -243,6 +243,7 @@ class _Template:
     def __init__(self, args: tuple, kwargs: dict, dependent: Callable[[torch.Tensor], bool]) -> None:
         leaves, self.spec = tree_flatten((args, kwargs))
         self.leaves = list(leaves)
+        self.tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]  # all, in order
         self.inputs: list[torch.Tensor] = []
         self.positions: list[int] = []
         for pos, leaf in enumerate(self.leaves):
@@ -528,7 +529,7 @@ class Recording:
             return
         name = func_name(func)
         in_layouts = [self.layout_of(t) for t in template.inputs]
-        all_inputs = _tensors((args, kwargs))
+        all_inputs = template.tensors
         deps = [self.depends(t) for t in all_inputs]
         lays = [self.layout_of(t) for t in all_inputs]
         out_layouts = propagate(func, args, kwargs, all_inputs, lays, deps, outs)
