@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="images used by --spectral (default 4; it works at s times the resolution)",
     )
+    diag.add_argument(
+        "--convergence",
+        type=_positive_int,
+        nargs="*",
+        default=[2],
+        metavar="S",
+        help="further upsampling factors at which --spectral re-measures the pointwise ops, to check "
+        "that --upsample is large enough; summary.json gets the largest relative change of any op's "
+        "alias ratio (default: 2; '2 8' costs about 5x more; none to skip)",
+    )
     diag.add_argument("--quiet", action="store_true", help="no progress bars or table")
     diag.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the table")
     diag.set_defaults(func=diagnose)
@@ -234,7 +244,14 @@ def _spectral(
 
     from .spectral import spectral
 
-    sp = spectral(model, images[: args.spectral_images], upsample=args.upsample, progress=not args.quiet)
+    sp = spectral(
+        model,
+        images[: args.spectral_images],
+        upsample=args.upsample,
+        batch_size=args.batch_size,
+        convergence=tuple(args.convergence),
+        progress=not args.quiet,
+    )
     shares: dict[str, list[float]] = {}
     for row in layer_rows:
         shares.setdefault(row["name"], []).append(float(row["share"]))
@@ -257,10 +274,13 @@ def _spectral(
             f"spectral: {len(pairs)} ops with an alias measure; Spearman rank correlation of alias energy "
             f"with the Lie-derivative share: {join['spearman_rho']}"
         )
+        for key, value in sp.convergence_summary().items():
+            print(f"spectral convergence: {key} = {value:.3g}")
     return {
         "upsample": args.upsample,
         "images": int(min(args.spectral_images, images.shape[0])),
         "by_kind": sp.by_kind(),
+        "convergence": sp.convergence_summary(),
         "join": join,
     }
 

@@ -22,7 +22,7 @@ cosine part of the Nyquist frequency ``|k| = n / 2`` (its sine part vanishes on 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -157,14 +157,61 @@ def downsample(y: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return torch.fft.ifft2(low).real / ((hf // h) * (wf // w))
 
 
-def pointwise_aliasing(
-    op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4
-) -> tuple[float, float]:
-    """``(alias_ratio, aliasing_error)`` of a pointwise op from one fine-resolution evaluation."""
+def _batches(n: int, per_item: int, max_bytes: float) -> list[slice]:
+    """Batch slices of at most ``max_bytes / per_item`` items (at least one item each)."""
+    step = n if max_bytes == float("inf") else max(1, int(max_bytes // max(per_item, 1)))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class _Sums:
+    """Numerators and denominators of energy ratios, summed in float64 over batch chunks: a ratio of
+    sums, so chunking does not change the result."""
+
+    def __init__(self) -> None:
+        self.num: dict[str, float] = {}
+        self.den: dict[str, float] = {}
+
+    def add(self, key: str, num: float, den: float) -> None:
+        self.num[key] = self.num.get(key, 0.0) + num
+        self.den[key] = self.den.get(key, 0.0) + den
+
+    def add_sq(self, key: str, diff: torch.Tensor, ref: torch.Tensor) -> None:
+        """Add ``||diff||^2`` and ``||ref||^2``."""
+        self.add(key, (diff.double().norm() ** 2).item(), (ref.double().norm() ** 2).item())
+
+    def ratio(self, key: str) -> float:
+        if key not in self.num:
+            return float("nan")
+        return self.num[key] / max(self.den[key], 1e-300)
+
+
+def _pointwise_sums(
+    op: Callable[[torch.Tensor, slice], torch.Tensor],
+    h: torch.Tensor,
+    s: int,
+    sums: _Sums,
+    max_bytes: float = float("inf"),
+    suffix: str = "",
+) -> None:
+    """Add the ``alias`` and ``error`` energies of a pointwise op on (B, C, H, W) ``h`` at factor ``s``;
+    ``op(x, rows)`` gets the batch rows it works on."""
     hw = tuple(h.shape[-2:])
-    y = op(upsample(h, s)).double()
-    low = downsample(y, hw)
-    return _relative_sq(y, upsample(low, s)), _relative_sq(op(h).double(), low)
+    for rows in _batches(h.shape[0], h[:1].numel() * s * s * 64, max_bytes):
+        y = op(upsample(h[rows], s), rows).double()
+        low = downsample(y, hw)
+        sums.add_sq("alias" + suffix, y - upsample(low, s), y)
+        native = op(h[rows], rows).double()
+        sums.add_sq("error" + suffix, native - low, native)
+
+
+def pointwise_aliasing(
+    op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4, max_bytes: float = float("inf")
+) -> tuple[float, float]:
+    """``(alias_ratio, aliasing_error)`` of a pointwise op from one fine-resolution evaluation, in batch
+    chunks of about ``max_bytes`` of working memory each."""
+    sums = _Sums()
+    _pointwise_sums(lambda x, rows: op(x), h, s, sums, max_bytes)
+    return sums.ratio("alias"), sums.ratio("error")
 
 
 def alias_ratio(op: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, s: int = 4) -> float:
@@ -192,6 +239,26 @@ def stride_alias(full: torch.Tensor, stride: int, layout: Layout = BCHW) -> floa
     return _outside(g, (h // stride, w // stride))
 
 
+def stride_one(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, stride: int) -> torch.Tensor:
+    """A stride-``s`` op on (B, C, H, W) grids evaluated at stride 1: for each of the ``s * s`` phases
+    (dy, dx), the op applied to the input shifted by (dy, dx) (zeros shifted in at the far border)
+    gives the output samples (s i + dy, s j + dx).
+
+    For a strided convolution or pooling this is the same kernel slid with stride 1 (except next to the
+    start of each axis, where the op's own padding stands in for pixels the shift moved out); it works as well
+    for ops with no stride argument (patch embeddings, Swin's patch merging, functional strided ops) and
+    keeps the op's own sampling phase (TF "same" padding included).
+    """
+    out = None
+    for dy in range(stride):
+        for dx in range(stride):
+            y = op(F.pad(x[..., dy:, dx:], (0, dx, 0, dy)))
+            if out is None:
+                out = y.new_zeros((*y.shape[:-2], y.shape[-2] * stride, y.shape[-1] * stride))
+            out[..., dy::stride, dx::stride] = y
+    return out
+
+
 # -- per-op analysis of a whole model ------------------------------------------------------------
 
 _POINTWISE_NORMS = {"layer_norm", "LayerNorm", "LayerNorm2d", "batch_norm", "BatchNorm2d", "BatchNormAct2d"}
@@ -203,8 +270,12 @@ class Spectrum:
     """Per-op spectral measures, in the op order of :func:`aliasscope.capture.record`.
 
     ``alias_ratio`` and ``aliasing_error`` are measured for pointwise ops (nonlinearities, channel
-    norms), ``stride_alias`` for strided convolutions and pooling modules, ``hf_fraction`` (energy above
-    half the Nyquist frequency of the op's output) for every image-like op; NaN where not defined.
+    norms) at the upsampling factor ``upsample``; ``stride_alias`` for every op that shrinks its grid by
+    an integer factor ``strides[i]`` (strided convolutions and pooling, patch embeddings, patch merging),
+    evaluated at stride 1 (:func:`stride_one`); ``hf_fraction`` (energy above half the Nyquist frequency
+    of the op's output) for every image-like op; NaN where not defined. Every measure is a ratio of
+    energies pooled over all images. ``convergence`` maps further factors ``s`` to
+    ``(alias_ratio, aliasing_error)`` at that ``s``, to check that ``upsample`` is large enough.
     """
 
     names: list[str]
@@ -215,34 +286,23 @@ class Spectrum:
     stride_alias: torch.Tensor
     hf_fraction: torch.Tensor
     upsample: int
+    strides: list[int | None] = field(default_factory=list)
+    convergence: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def table(self) -> list[dict[str, Any]]:
-        """One row per op: order, name, kind, layout and the four measures."""
-        return [
-            {
-                "order": i,
-                "name": n,
-                "kind": k,
-                "layout": lay,
-                "alias_ratio": a,
-                "aliasing_error": e,
-                "stride_alias": sa,
-                "hf_fraction": hf,
-            }
-            for i, (n, k, lay, a, e, sa, hf) in enumerate(
-                zip(
-                    self.names,
-                    self.kinds,
-                    self.layouts,
-                    self.alias_ratio.tolist(),
-                    self.aliasing_error.tolist(),
-                    self.stride_alias.tolist(),
-                    self.hf_fraction.tolist(),
-                    strict=True,
-                )
-            )
-        ]
+        """One row per op: order, name, kind, layout, stride, the four measures, and
+        ``alias_ratio_s{k}`` / ``aliasing_error_s{k}`` for each convergence factor ``k``."""
+        strides = self.strides or [None] * len(self.names)
+        rows = []
+        for i, (n, k, lay, st) in enumerate(zip(self.names, self.kinds, self.layouts, strides, strict=True)):
+            row = {"order": i, "name": n, "kind": k, "layout": lay, "stride": st}
+            for name in ("alias_ratio", "aliasing_error", "stride_alias", "hf_fraction"):
+                row[name] = getattr(self, name)[i].item()
+            for f, (a, e) in sorted(self.convergence.items()):
+                row[f"alias_ratio_s{f}"], row[f"aliasing_error_s{f}"] = a[i].item(), e[i].item()
+            rows.append(row)
+        return rows
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         """Mean of each measure per op kind (NaN-aware)."""
@@ -255,49 +315,92 @@ class Spectrum:
             } | {"ops": len(idx)}
         return out
 
+    def convergence_summary(self) -> dict[str, float]:
+        """For each convergence factor ``s``: the largest relative change of any op's alias ratio between
+        ``s`` and :attr:`upsample` (``max |a_s - a_u| / a_u`` over ops with ``a_u > 1e-9``)."""
+        base = self.alias_ratio
+        ok = base > 1e-9
+        out = {}
+        for f, (a, _) in sorted(self.convergence.items()):
+            rel = ((a - base).abs() / base)[ok & ~a.isnan()]
+            out[f"max_rel_change_s{f}_vs_s{self.upsample}"] = (
+                rel.max().item() if rel.numel() else float("nan")
+            )
+        return out
+
     def to_csv(self, path: str | None = None) -> str:
         """:attr:`table` as CSV (written to ``path`` if given)."""
         return rows_to_csv(self.table, path)
 
     def to_json(self, path: str | None = None) -> str:
-        """Settings, per-kind means and per-op rows as JSON (NaN as null)."""
-        return save_text(
-            to_json_text({"upsample": self.upsample, "by_kind": self.by_kind(), "ops": self.table}), path
+        """Settings, per-kind means, convergence and per-op rows as JSON (NaN as null)."""
+        data = {
+            "upsample": self.upsample,
+            "by_kind": self.by_kind(),
+            "convergence": self.convergence_summary(),
+            "ops": self.table,
+        }
+        return save_text(to_json_text(data), path)
+
+
+def _grid_op(op: OpRecord) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+    """The op as a map of (B, C, H, W) grids at any resolution (a token grid is resized with it);
+    ``rows`` picks the batch rows of the recorded prefix tokens that go with the grid."""
+    lay_in, lay_out = op.in_layouts[0], op.out_layouts[0]
+    native, prefix = lay_in.to_bchw(op.inputs[0])
+    nh, nw = native.shape[-2:]
+
+    def relayout(layout: Layout, scale: tuple[int, int] | tuple[float, float]) -> Layout:
+        if layout.kind != "tokens":
+            return layout
+        return Layout.tokens(
+            (round(layout.grid[0] * scale[0]), round(layout.grid[1] * scale[1])), layout.num_prefix
         )
 
-
-def _grid_op(op: OpRecord) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The op as a map of (B, C, H, W) grids at any resolution (prefix tokens kept as recorded)."""
-    lay_in, lay_out = op.in_layouts[0], op.out_layouts[0]
-    _, prefix = lay_in.to_bchw(op.inputs[0])
-
-    def relayout(layout: Layout, hw: tuple[int, int]) -> Layout:
-        return Layout.tokens(hw, layout.num_prefix) if layout.kind == "tokens" else layout
-
-    def fn(grid: torch.Tensor) -> torch.Tensor:
-        hw = tuple(grid.shape[-2:])
-        x = relayout(lay_in, hw).from_bchw(grid, prefix)
-        y = op.replay(x)
-        return relayout(lay_out, hw).to_bchw(y)[0]
+    def fn(grid: torch.Tensor, rows: slice) -> torch.Tensor:
+        scale = (grid.shape[-2] / nh, grid.shape[-1] / nw)
+        x = relayout(lay_in, scale).from_bchw(grid, None if prefix is None else prefix[rows])
+        return relayout(lay_out, scale).to_bchw(op.replay(x))[0]
 
     return fn
 
 
-def _stride_one(op: OpRecord) -> tuple[Callable[[torch.Tensor], torch.Tensor], int] | None:
-    """A strided conv/pool module evaluated at stride 1 (same weights, 'same' padding), and its stride."""
-    m = op.unit
-    if isinstance(m, nn.Conv2d) and m.stride[0] == m.stride[1] and m.stride[0] > 1 and m.groups >= 1:
-        pad = tuple((k - 1) // 2 * d for k, d in zip(m.kernel_size, m.dilation, strict=True))
-        return (lambda x: F.conv2d(x, m.weight, m.bias, 1, pad, m.dilation, m.groups)), m.stride[0]
-    if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
-        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
-        s = m.stride if isinstance(m.stride, int) else m.stride[0]
-        if s > 1:
-            pool = F.max_pool2d if isinstance(m, nn.MaxPool2d) else F.avg_pool2d
-            return (
-                lambda x: pool(F.pad(x, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2), mode="replicate"), k, 1)
-            ), s
-    return None
+def _shrink(op: OpRecord) -> int | None:
+    """The integer factor by which a single-grid op shrinks its grid (None unless it does)."""
+    h, w = op.in_layouts[0].to_bchw(op.inputs[0])[0].shape[-2:]
+    ho, wo = op.out_layouts[0].to_bchw(op.outputs[0])[0].shape[-2:]
+    s = h // ho if ho else 0
+    return s if s > 1 and h == s * ho and w == s * wo else None
+
+
+def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_bytes: float) -> int | None:
+    """Add one op's energies on one batch into ``sums``; returns its stride (or None)."""
+    out = op.out_layouts[0] if op.out_layouts else None
+    if out is None or out.kind not in _SINGLE_GRID or not op.outputs:
+        return None
+    grid_out = out.to_bchw(op.outputs[0])[0]
+    r = _radius(*grid_out.shape[-2:], device=grid_out.device)
+    for rows in _batches(grid_out.shape[0], grid_out[:1].numel() * 32, max_bytes):
+        power = torch.fft.fft2(grid_out[rows].double()).abs().pow(2).sum(dim=(0, 1))
+        sums.add("hf", power[r > 0.5].sum().item(), power.sum().item())
+    lay_in = op.in_layouts[0] if len(op.inputs) == 1 and op.in_layouts else None
+    if lay_in is None or lay_in.kind not in _SINGLE_GRID:
+        return None
+    grid_in = lay_in.to_bchw(op.inputs[0])[0]
+    fn = _grid_op(op)
+    pointwise = op.kind == "nonlinearity" or op.op in _POINTWISE_NORMS
+    if pointwise and op.inputs[0].shape == op.outputs[0].shape:
+        for s in [factor, *factors]:
+            _pointwise_sums(fn, grid_in, s, sums, max_bytes, suffix="" if s == factor else f"_s{s}")
+        return None
+    stride = _shrink(op)
+    if stride is None:
+        return None
+    coarse = tuple(grid_out.shape[-2:])
+    for rows in _batches(grid_in.shape[0], grid_out[:1].numel() * stride * stride * 64, max_bytes):
+        full = stride_one(lambda x, rows=rows: fn(x, rows), grid_in[rows], stride).double()
+        sums.add_sq("stride", full - upsample(downsample(full, coarse), stride), full)
+    return stride
 
 
 def spectral(
@@ -308,48 +411,68 @@ def spectral(
     select: str | list[str] | Callable[[OpRecord], bool] | None = None,
     layouts: dict[str, Layout] | None = None,
     units: list[str] | str = (),
+    batch_size: int = 8,
+    max_bytes: float = 2**30,
+    convergence: tuple[int, ...] = (),
     progress: bool = False,
 ) -> Spectrum:
-    """Spectral aliasing measures for every recorded op of ``model`` on ``images`` (see :class:`Spectrum`)."""
+    """Spectral aliasing measures for every recorded op of ``model`` on ``images`` (see :class:`Spectrum`).
+
+    Images go through the model ``batch_size`` at a time and every FFT works on batch chunks of about
+    ``max_bytes`` (default 1 GiB), so memory stays bounded whatever the number of images; the
+    measures are energy ratios pooled over all images and do not depend on the chunking.
+    ``convergence=(2, 8)`` also measures the pointwise ops at those factors.
+    """
     from tqdm.auto import tqdm
 
     from .borrow import borrowed, check_images
     from .capture import record
 
     images = check_images(images, model)
+    factors = sorted({int(f) for f in convergence} - {upsample})
+    if upsample < 1 or any(f < 1 for f in factors) or batch_size < 1:
+        raise ValueError("upsample, convergence factors and batch_size must be positive integers")
+    names: list[str] = []
+    kinds: list[str] = []
+    lays: list[str] = []
+    sums: list[_Sums] = []
+    strides: list[int | None] = []
     with borrowed(model), torch.no_grad():
-        with record(model, layouts=layouts, units=units) as rec:
-            model(images)
-        keep = rec.select(select)
-        nan = float("nan")
-        ar, ae, sa, hf = ([nan] * len(keep) for _ in range(4))
-        for j, i in enumerate(tqdm(keep, desc="spectra", disable=not progress)):
-            op = rec.ops[i]
-            lay = op.layout
-            if lay is None or lay.kind not in _SINGLE_GRID or not op.outputs:
-                continue
-            hf[j] = hf_fraction(power_spectrum(op.outputs[0], lay))
-            single = (
-                len(op.inputs) == 1 and op.in_layouts[0] is not None and op.in_layouts[0].kind in _SINGLE_GRID
-            )
-            pointwise = op.kind == "nonlinearity" or op.op in _POINTWISE_NORMS
-            if single and pointwise and op.inputs[0].shape == op.outputs[0].shape:
-                fn = _grid_op(op)
-                grid = op.in_layouts[0].to_bchw(op.inputs[0])[0]
-                ar[j], ae[j] = pointwise_aliasing(fn, grid, upsample)
-            strided = _stride_one(op) if single and op.kind == "downsampling" else None
-            if strided is not None:
-                fn, stride = strided
-                full = fn(op.inputs[0])
-                if full.shape[-1] % stride == 0 and full.shape[-2] % stride == 0:
-                    sa[j] = stride_alias(full, stride)
+        chunks = images.split(batch_size)
+        for c, chunk in enumerate(
+            tqdm(chunks, desc="spectra", unit="batch", disable=not progress or len(chunks) < 2)
+        ):
+            with record(model, layouts=layouts, units=units) as rec:
+                model(chunk)
+            keep = rec.select(select)
+            ops = [rec.ops[i] for i in keep]
+            if c == 0:
+                names, kinds, lays = (
+                    [o.name for o in ops],
+                    [o.kind for o in ops],
+                    [str(o.layout) for o in ops],
+                )
+                sums, strides = [_Sums() for _ in ops], [None] * len(ops)
+            elif [o.name for o in ops] != names:
+                raise RuntimeError(
+                    "the model ran different ops on different batches; spectral needs a static graph"
+                )
+            for j, op in enumerate(tqdm(ops, desc="ops", leave=False, disable=not progress)):
+                strides[j] = _measure(op, sums[j], upsample, factors, max_bytes)
+            del rec, ops
+
+    def col(key: str) -> torch.Tensor:
+        return torch.tensor([s.ratio(key) for s in sums], dtype=torch.float64)
+
     return Spectrum(
-        names=[rec.ops[i].name for i in keep],
-        kinds=[rec.ops[i].kind for i in keep],
-        layouts=[str(rec.ops[i].layout) for i in keep],
-        alias_ratio=torch.tensor(ar, dtype=torch.float64),
-        aliasing_error=torch.tensor(ae, dtype=torch.float64),
-        stride_alias=torch.tensor(sa, dtype=torch.float64),
-        hf_fraction=torch.tensor(hf, dtype=torch.float64),
+        names=names,
+        kinds=kinds,
+        layouts=lays,
+        alias_ratio=col("alias"),
+        aliasing_error=col("error"),
+        stride_alias=col("stride"),
+        hf_fraction=col("hf"),
         upsample=upsample,
+        strides=strides,
+        convergence={f: (col(f"alias_s{f}"), col(f"error_s{f}")) for f in factors},
     )

@@ -170,13 +170,22 @@ def test_bad_layerwise_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Path) -> None:
     out = tmp_path / "out"
     extra = ["--spectral", "--layer-transforms", "translate_x", "--upsample", "2", "--spectral-images", "1"]
-    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra) == 0
+    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra, "--convergence", "4") == 0
     rows = list(csv.DictReader((out / "spectral.csv").open()))
-    assert {"name", "kind", "alias_ratio", "stride_alias", "alias", "lie_share", "hf_fraction"} <= set(
-        rows[0]
-    )
+    columns = {
+        "name",
+        "kind",
+        "stride",
+        "alias_ratio",
+        "alias_ratio_s4",
+        "stride_alias",
+        "alias",
+        "lie_share",
+    }
+    assert columns | {"hf_fraction"} <= set(rows[0])
     assert any(float(r["alias_ratio"]) > 0 for r in rows if r["kind"] == "nonlinearity")
     summary = json.loads((out / "summary.json").read_text())
     join = summary["spectral"]["join"]
     assert join["ops"] >= 3 and -1 <= join["spearman_rho"] <= 1
+    assert summary["spectral"]["convergence"]["max_rel_change_s4_vs_s2"] >= 0
     assert (out / "layers.csv").exists()

@@ -196,3 +196,91 @@ def test_pointwise_aliasing_agrees_with_the_separate_measures() -> None:
     assert ratio == pytest.approx(alias_ratio(torch.nn.functional.gelu, h, 4), rel=1e-9)
     assert error == pytest.approx(aliasing_error(torch.nn.functional.gelu, h, 4), rel=1e-9)
     assert 0 < ratio < 1 and 0 < error < 1
+
+
+def test_stride_one_slides_the_strided_kernel_with_stride_one() -> None:
+    from aliasscope.spectral import stride_one
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    full = stride_one(lambda t: torch.nn.functional.conv2d(t, w, b, stride=2, padding=1), x, 2)
+    reference = torch.nn.functional.conv2d(x, w, b, stride=1, padding=1)
+    # equal except at the odd phase next to the start (row/column 1), where the strided op's own
+    # zero padding stands for a pixel that the shift moved out
+    torch.testing.assert_close(full[..., 2:, 2:], reference[..., 2:, 2:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(full[..., 0, 0::2], reference[..., 0, 0::2], rtol=0, atol=1e-12)
+    assert not torch.allclose(full[..., 1, 2:], reference[..., 1, 2:])
+    pooled = stride_one(lambda t: torch.nn.functional.avg_pool2d(t, 4), x, 4)
+    torch.testing.assert_close(
+        pooled[..., :13, :13], torch.nn.functional.avg_pool2d(x, 4, 1), rtol=0, atol=1e-12
+    )
+
+
+def _small_net() -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(1)
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(6, 6, 3, padding=1),
+            nn.GELU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(6 * 8 * 8, 4),
+        )
+        .double()
+        .eval()
+    )
+
+
+def test_spectral_does_not_depend_on_batching_or_the_memory_budget() -> None:
+    from aliasscope.spectral import spectral
+
+    model, x = _small_net(), random_images(5, 3, 32, 32)
+    whole = spectral(model, x, upsample=4, batch_size=8)
+    chunked = spectral(model, x, upsample=4, batch_size=2, max_bytes=1)  # one image per FFT chunk
+    for name in ("alias_ratio", "aliasing_error", "stride_alias", "hf_fraction"):
+        torch.testing.assert_close(
+            getattr(chunked, name), getattr(whole, name), rtol=1e-10, atol=1e-300, equal_nan=True
+        )
+    assert whole.strides == [2, None, None, None, 2, None, None]
+    assert whole.stride_alias[0] > 0 and whole.stride_alias[4] > 0
+
+
+def test_spectral_reports_convergence_in_the_upsampling_factor(tmp_path) -> None:
+    import json
+
+    from aliasscope.spectral import spectral
+
+    sp = spectral(_small_net(), random_images(2, 3, 32, 32), upsample=4, convergence=(2, 4, 8))
+    assert sorted(sp.convergence) == [2, 8]
+    row = sp.table[3]  # GELU
+    assert row["alias_ratio_s8"] == pytest.approx(row["alias_ratio"], rel=0.05)
+    assert abs(row["alias_ratio_s2"] - row["alias_ratio"]) > abs(row["alias_ratio_s8"] - row["alias_ratio"])
+    summary = json.loads(sp.to_json(tmp_path / "s.json"))["convergence"]
+    assert summary["max_rel_change_s8_vs_s4"] < summary["max_rel_change_s2_vs_s4"]
+    assert "alias_ratio_s8" in sp.to_csv().splitlines()[0]
+
+
+def test_patch_embedding_and_patch_merging_get_a_stride_alias() -> None:
+    import timm
+
+    from aliasscope.spectral import spectral
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    rows = {r["name"]: r for r in spectral(vit, torch.randn(1, 3, 32, 32), upsample=2).table}
+    assert rows["patch_embed.proj"]["stride"] == 8 and 0.5 < rows["patch_embed.proj"]["stride_alias"] < 1
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=64,
+        window_size=2,
+        depths=(1, 1, 1, 1),
+        embed_dim=24,
+        num_heads=(1, 1, 1, 1),
+    ).eval()
+    rows = {r["name"]: r for r in spectral(swin, torch.randn(1, 3, 64, 64), upsample=2).table}
+    merging = [r for n, r in rows.items() if n.endswith(".downsample") and r["stride"] == 2]
+    assert len(merging) == 3 and all(0 < r["stride_alias"] < 1 for r in merging)
