@@ -44,7 +44,7 @@ from .forward_mode import out_of_place
 from .layout_rules import ACTIVATIONS, NORMS, func_name, propagate
 from .layouts import BCHW, Layout
 
-__all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record"]
+__all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record", "select_ops"]
 
 KINDS: dict[str, str] = {
     "nonlinearity": "pointwise nonlinearities and gating (ReLU, GELU, SiLU, sigmoid gates, x * y)",
@@ -237,6 +237,21 @@ class OpRecord:
         )
 
 
+def select_ops(
+    ops: Sequence[OpRecord], select: str | Sequence[str] | Callable[[OpRecord], bool] | None
+) -> list[int]:
+    """Indices of ``ops`` matching ``select``: glob patterns on op names or kind names, a predicate on
+    the :class:`OpRecord`, or None for all."""
+    if select is None:
+        return list(range(len(ops)))
+    if callable(select):
+        return [i for i, op in enumerate(ops) if select(op)]
+    pats = [select] if isinstance(select, str) else list(select)
+    return [
+        i for i, op in enumerate(ops) if any(op.kind == p or fnmatch.fnmatchcase(op.name, p) for p in pats)
+    ]
+
+
 class _Template:
     """A call's arguments with the image-dependent tensors cut out, to call it again on new ones."""
 
@@ -330,16 +345,7 @@ class Recording:
 
     def select(self, select: str | Sequence[str] | Callable[[OpRecord], bool] | None) -> list[int]:
         """Indices of ops matching ``select``: glob patterns on names or kind names, or a predicate."""
-        if select is None:
-            return list(range(len(self.ops)))
-        if callable(select):
-            return [i for i, op in enumerate(self.ops) if select(op)]
-        pats = [select] if isinstance(select, str) else list(select)
-        return [
-            i
-            for i, op in enumerate(self.ops)
-            if any(op.kind == p or fnmatch.fnmatchcase(op.name, p) for p in pats)
-        ]
+        return select_ops(self.ops, select)
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -389,6 +395,8 @@ class Recording:
         return base if k == 0 else f"{base}#{k}"
 
     def _is_unit(self, module: nn.Module, path: str) -> bool:
+        if getattr(module, "aliasscope_unit", False):  # aliasscope's own layers (fixes) are one op each
+            return True
         classes = {c.__name__ for c in type(module).__mro__}
         if any(fnmatch.fnmatchcase(path, p) or p in classes for p in self.unit_patterns):
             return True
@@ -726,6 +734,16 @@ def _spatial_extent(const: torch.Tensor, layout: Layout, out: torch.Tensor) -> b
 
 def _kind_of_unit(call: _Call) -> str:
     path, cls = call.path, type(call.module).__name__.lower()
+    declared = getattr(call.module, "aliasscope_kind", None)
+    if declared in KINDS:
+        return declared
+    if "blurpool" in cls:  # a binomial blur: downsampling when strided, else a stride-1 linear filter
+        stride = getattr(call.module, "stride", 1)
+        return (
+            "downsampling"
+            if any(s > 1 for s in ((stride,) if isinstance(stride, int) else stride))
+            else "linear"
+        )
     if "patch_embed" in path or "patchembed" in cls:
         return "patch_embed"
     if "attn" in path.rsplit(".", 1)[-1] or "attention" in cls:

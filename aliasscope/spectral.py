@@ -270,7 +270,10 @@ class Spectrum:
     """Per-op spectral measures, in the op order of :func:`aliasscope.capture.record`.
 
     ``alias_ratio`` and ``aliasing_error`` are measured for pointwise ops (nonlinearities, channel
-    norms) at the upsampling factor ``upsample``; ``stride_alias`` for every op that shrinks its grid by
+    norms) at the upsampling factor ``upsample`` (for a
+    :class:`~aliasscope.antialias.FilteredActivation`, of its nonlinearity on the finer grid it runs
+    on: the energy the wrapper's low-pass cannot remove);
+    ``stride_alias`` for every op that shrinks its grid by
     an integer factor ``strides[i]`` (strided convolutions and pooling, patch embeddings, patch merging),
     evaluated at stride 1 (:func:`stride_one`); ``hf_fraction`` (energy above half the Nyquist frequency
     of the op's output) for every image-like op; NaN where not defined. Every measure is a ratio of
@@ -388,6 +391,10 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
         return None
     grid_in = lay_in.to_bchw(op.inputs[0])[0]
     fn = _grid_op(op)
+    inner = getattr(op.unit, "act", None) if getattr(op.unit, "aliasscope_filtered", False) else None
+    if inner is not None:  # a filtered nonlinearity: measure its activation on the grid it runs on
+        grid_in = op.unit.resample_up(grid_in)
+        fn = lambda x, rows: inner(x)  # noqa: E731 (pointwise: rows do not matter)
     pointwise = op.kind == "nonlinearity" or op.op in _POINTWISE_NORMS
     if pointwise and op.inputs[0].shape == op.outputs[0].shape:
         for s in [factor, *factors]:
