@@ -23,8 +23,10 @@ Quick start::
 __version__ = "0.1.0"
 
 from .capture import KINDS, OpRecord, Recording, record
+from .compare import Comparison, compare
 from .data import ImageBatch, load_images
 from .decompose import Decomposition, decompose
+from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
 from .generators import GENERATORS, apply_generator, generator_names
 from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
 from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
@@ -34,6 +36,14 @@ from .spectral import Spectrum, spectral
 from .transforms import TRANSFORMS, Transform, get_transform, transform_names
 
 __all__ = [
+    "Comparison",
+    "compare",
+    "FIXES",
+    "blurpool",
+    "changes",
+    "circular_padding",
+    "filtered_activation",
+    "polyphase",
     "__version__",
     # transforms and generators
     "TRANSFORMS",

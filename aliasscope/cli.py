@@ -28,6 +28,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _common_arguments(p: argparse.ArgumentParser, transforms: list[str] | None, out: str) -> None:
+    """Model, images, transforms, generator, batching, device and output options shared by the
+    sub-commands."""
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"timm model name or checkpoint path (.pth/.pt/.safetensors); default {DEFAULT_MODEL}",
+    )
+    p.add_argument("--arch", default=None, help="timm architecture of a checkpoint given to --model")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use bundled pretrained weights when available (default: yes)",
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        help="image folder, image file, or labels CSV (columns file,class_index); "
+        "default: photos bundled with scikit-image",
+    )
+    p.add_argument("--num-images", type=_positive_int, default=None, help="use at most this many images")
+    p.add_argument("--every", type=_positive_int, default=1, help="use every k-th image of the source")
+    p.add_argument(
+        "--transforms",
+        nargs="+",
+        default=transforms,
+        choices=transform_names(),
+        metavar="T",
+        help=f"transforms to measure (default: {' '.join(transforms) if transforms else 'all'}): "
+        f"{', '.join(transform_names())}",
+    )
+    p.add_argument(
+        "--generator",
+        default="central",
+        choices=generator_names(),
+        help="discretisation of the derivative (default: central; 'paper' reproduces the "
+        "reference code, 'fourier' is band-limited)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out}/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``aliasscope`` argument parser (one sub-command per job)."""
     parser = argparse.ArgumentParser(
@@ -47,46 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.json. With no arguments: pretrained tf_efficientnet_lite0 on the real photos bundled "
         "with scikit-image.",
     )
-    diag.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"timm model name or checkpoint path (.pth/.pt/.safetensors); default {DEFAULT_MODEL}",
-    )
-    diag.add_argument("--arch", default=None, help="timm architecture of a checkpoint given to --model")
-    diag.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="use bundled pretrained weights when available (default: yes)",
-    )
-    diag.add_argument(
-        "--images",
-        default=None,
-        help="image folder, image file, or labels CSV (columns file,class_index); "
-        "default: photos bundled with scikit-image",
-    )
-    diag.add_argument("--num-images", type=_positive_int, default=None, help="use at most this many images")
-    diag.add_argument("--every", type=_positive_int, default=1, help="use every k-th image of the source")
-    diag.add_argument(
-        "--transforms",
-        nargs="+",
-        default=None,
-        choices=transform_names(),
-        metavar="T",
-        help=f"transforms to measure (default: all): {', '.join(transform_names())}",
-    )
-    diag.add_argument(
-        "--generator",
-        default="central",
-        choices=generator_names(),
-        help="discretisation of the derivative (default: central; 'paper' reproduces the "
-        "reference code, 'fourier' is band-limited)",
-    )
-    diag.add_argument(
-        "--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)"
-    )
-    diag.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    diag.add_argument("--out", default="aliasscope-out", help="output folder (default aliasscope-out/)")
+    _common_arguments(diag, None, "aliasscope-out")
     diag.add_argument(
         "--layerwise",
         action="store_true",
@@ -137,7 +144,125 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--quiet", action="store_true", help="no progress bars or table")
     diag.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the table")
     diag.set_defaults(func=diagnose)
+
+    fix = sub.add_parser(
+        "fix",
+        help="apply anti-aliasing fixes and compare the models before/after",
+        description="Apply anti-aliasing fixes to a model (each --fix gives one variant; chain fixes with "
+        "'+', e.g. circular_padding+polyphase) and compare every variant with the original: Lie derivative "
+        "per transform, layer attribution and alias energy by op kind, top-1 accuracy and agreement, "
+        "shift consistency (two random crops offset in [0,32)^2 of a 256 resize), sub-pixel shift "
+        "consistency, forward time and parameters. Writes comparison.csv, comparison.json, changes.csv "
+        "and comparison.png/svg.",
+    )
+    _common_arguments(fix, ["translate_x", "rotate", "scale"], "aliasscope-fix")
+    fix.add_argument(
+        "--fix",
+        dest="fixes",
+        action="append",
+        default=None,
+        metavar="NAME[+NAME]",
+        help=f"a fix or a '+' chain of fixes, repeatable; names: {', '.join(_fix_names())} "
+        "(default: each fix alone and circular_padding+polyphase)",
+    )
+    fix.add_argument("--filter-size", type=int, default=3, choices=(3, 5, 7), help="blurpool filter size (3)")
+    fix.add_argument("--up", type=_positive_int, default=2, help="filtered_activation upsampling (2)")
+    fix.add_argument(
+        "--filter", default="ideal", choices=("ideal", "kaiser"), help="filtered_activation filter (ideal)"
+    )
+    fix.add_argument(
+        "--layer-images", type=int, default=16, help="images for the layer attribution (16; 0 skips it)"
+    )
+    fix.add_argument(
+        "--spectral-images", type=int, default=4, help="images for the alias energy (4; 0 skips it)"
+    )
+    fix.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    fix.add_argument(
+        "--json", action="store_true", help="print comparison.json to stdout instead of the table"
+    )
+    fix.set_defaults(func=fix_command)
     return parser
+
+
+def _fix_names() -> list[str]:
+    from .fixes import FIXES
+
+    return list(FIXES)
+
+
+def _parse_fixes(specs: list[str] | None) -> list[list[str]]:
+    names = _fix_names()
+    specs = specs or [*names, "circular_padding+polyphase"]
+    chains = []
+    for spec in specs:
+        chain = [part.strip() for part in spec.split("+") if part.strip()]
+        unknown = [c for c in chain if c not in names]
+        if not chain or unknown:
+            raise ValueError(f"unknown fix {spec!r}; valid fixes: {', '.join(names)} (chain them with '+')")
+        chains.append(chain)
+    return chains
+
+
+def fix_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``aliasscope fix``; returns the comparison JSON it writes."""
+    from dataclasses import replace
+
+    from .compare import compare
+    from .data import load_images
+    from .fixes import FIXES, changes
+    from .models import load_model
+    from .plots import plot_comparison
+
+    chains = _parse_fixes(args.fixes)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+    model, preprocess = load_model(args.model, pretrained=args.pretrained, arch=args.arch, device=args.device)
+    wide = replace(preprocess, crop=preprocess.crop + 32, resize=max(preprocess.resize, preprocess.crop + 32))
+    batch = load_images(args.images, wide, limit=args.num_images, every=args.every)
+    example = batch.images[:1, :, 16:-16, 16:-16].to(args.device)
+    options = {
+        "blurpool": {"filter_size": args.filter_size},
+        "filtered_activation": {"up": args.up, "filter": args.filter},
+    }
+    models: dict[str, torch.nn.Module] = {"original": model}
+    for chain in chains:
+        fixed = model
+        for name in chain:
+            fixed = FIXES[name](fixed, example=example, **options.get(name, {}))
+        models["+".join(chain)] = fixed
+    result = compare(
+        models,
+        batch.images,
+        batch.labels,
+        args.transforms or ["translate_x", "rotate", "scale"],
+        crop=preprocess.crop,
+        generator=args.generator,
+        layer_images=args.layer_images,
+        spectral_images=args.spectral_images,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    result.settings.update(
+        model=args.model,
+        pretrained=bool(args.pretrained),
+        image_source=args.images or "scikit-image bundled photos",
+        preprocess=repr(wide),
+        versions=_versions(),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_csv(out / "comparison.csv")
+    result.to_json(out / "comparison.json")
+    rows_to_csv(
+        [{"variant": n, **c.as_dict()} for n, m in models.items() for c in changes(m)], out / "changes.csv"
+    )
+    plot_comparison(result, out / "comparison")
+    if args.json:
+        print((out / "comparison.json").read_text(encoding="utf-8"))
+    elif not args.quiet:
+        print(result.summary())
+        print(f"wrote {out}/comparison.csv, comparison.json, changes.csv, comparison.png/svg")
+    return json.loads((out / "comparison.json").read_text(encoding="utf-8"))
 
 
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:

@@ -189,3 +189,24 @@ def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Pat
     assert join["ops"] >= 3 and -1 <= join["spearman_rho"] <= 1
     assert summary["spectral"]["convergence"]["max_rel_change_s4_vs_s2"] >= 0
     assert (out / "layers.csv").exists()
+
+
+def test_fix_writes_the_comparison(tmp_path: Path) -> None:
+    out = tmp_path / "fix"
+    argv = ["fix", *TINY, "--images", str(_photos(tmp_path / "imgs", 2)), "--out", str(out), "--quiet"]
+    extra = ["--fix", "blurpool", "--fix", "circular_padding+polyphase", "--layer-images", "1"]
+    assert main([*argv, *extra, "--spectral-images", "1", "--transforms", "translate_x"]) == 0
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["model"] for r in rows] == ["original", "blurpool", "circular_padding+polyphase"]
+    assert all(float(r["lie_translate_x"]) > 0 and 0 <= float(r["shift_consistency"]) <= 1 for r in rows)
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["settings"]["crop"] + 32 == data["settings"]["image_size"][0]
+    changed = list(csv.DictReader((out / "changes.csv").open()))
+    assert {r["variant"] for r in changed} == {"blurpool", "circular_padding+polyphase"}
+    assert (out / "comparison.png").stat().st_size > 10_000 and (out / "comparison.svg").exists()
+
+
+def test_fix_rejects_an_unknown_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["fix", *TINY, "--images", str(_photos(tmp_path / "imgs", 1)), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--fix", "blurpool+sharpen"]) == 2
+    assert "unknown fix 'blurpool+sharpen'" in _error_line(capsys)

@@ -1,0 +1,272 @@
+"""Before/after evaluation of models (an original and its anti-aliasing fixes) on the same images.
+
+:func:`compare` measures, per model: the end-to-end Lie derivative per transform (mean and 95%
+interval), the layer attribution by op kind, alias energy by op kind, top-1 accuracy and agreement with
+the first model, Zhang's shift consistency, fractional-shift consistency, forward time and parameter
+count. Pass images larger than the model's input by 32 pixels (``resize=256, crop=256`` for a
+224-pixel model): evaluation uses their centre crop, and the consistency measures use crops at offsets
+in ``[0, 32)^2``, as in Zhang (2019).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .results import rows_to_csv, save_text, to_json_text
+
+__all__ = ["compare", "Comparison", "shift_consistency", "fractional_shift_consistency", "fft_shift"]
+
+
+def _crop(x: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    return x[..., top : top + size, left : left + size]
+
+
+def _centre(x: torch.Tensor, size: int) -> torch.Tensor:
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return _crop(x, top, left, size)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat(
+        [model(x[s : s + batch_size]).argmax(-1).cpu() for s in range(0, x.shape[0], batch_size)]
+    )
+
+
+def _crop_pairs(x: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image two crop offsets (top, left) in ``[0, H - size]^2`` and the offset difference."""
+    gen = torch.Generator().manual_seed(seed)
+    span = x.shape[-1] - size + 1
+    a = torch.randint(0, span, (x.shape[0], 2), generator=gen)
+    b = torch.randint(0, span, (x.shape[0], 2), generator=gen)
+    return a, b, b - a
+
+
+def shift_consistency(
+    model: nn.Module, images: torch.Tensor, size: int, *, seed: int = 0, batch_size: int = 32
+) -> float:
+    """Zhang (2019): fraction of images whose top-1 class agrees between two random ``size`` crops
+    (offsets uniform in ``[0, H - size]^2``, one pair per image)."""
+    if images.shape[-1] <= size or images.shape[-2] <= size:
+        raise ValueError(
+            f"shift consistency needs images larger than the crop {size}, got {tuple(images.shape)}"
+        )
+    a, b, _ = _crop_pairs(images, size, seed)
+    first = torch.stack([_crop(x, int(t), int(lft), size) for x, (t, lft) in zip(images, a, strict=True)])
+    second = torch.stack([_crop(x, int(t), int(lft), size) for x, (t, lft) in zip(images, b, strict=True)])
+    return (_predict(model, first, batch_size) == _predict(model, second, batch_size)).double().mean().item()
+
+
+def fft_shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Band-limited translation of (B, C, H, W) images by per-image (dy, dx) pixels (Fourier phase
+    shift; periodic, so crop away from the borders)."""
+    h, w = x.shape[-2:]
+    ky = torch.fft.fftfreq(h, device=x.device, dtype=torch.float64)
+    kx = torch.fft.fftfreq(w, device=x.device, dtype=torch.float64)
+    dy, dx = dy.to(x.device, torch.float64), dx.to(x.device, torch.float64)
+    phase = torch.exp(
+        -2j * math.pi * (dy.view(-1, 1, 1, 1) * ky.view(1, 1, -1, 1) + dx.view(-1, 1, 1, 1) * kx)
+    )
+    return torch.fft.ifft2(torch.fft.fft2(x.double()) * phase).real.to(x.dtype)
+
+
+def fractional_shift_consistency(
+    model: nn.Module, images: torch.Tensor, size: int, *, seed: int = 0, batch_size: int = 32
+) -> float:
+    """Fraction of images whose top-1 class is unchanged when the image is translated by a random
+    sub-pixel amount (dy, dx uniform in [0, 1)) with a band-limited (Fourier) shift, both centre-cropped
+    to ``size``."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    d = torch.rand(images.shape[0], 2, generator=gen, dtype=torch.float64)
+    moved = _centre(fft_shift(images, d[:, 0], d[:, 1]), size)
+    still = _centre(images, size)
+    return (_predict(model, still, batch_size) == _predict(model, moved, batch_size)).double().mean().item()
+
+
+def _forward_ms(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Best wall-clock milliseconds per image of a forward pass on ``x``."""
+    cuda = x.device.type == "cuda"
+    best = float("inf")
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return 1000 * best / x.shape[0]
+
+
+def _pct(row: dict[str, Any], key: str) -> str:
+    v = row.get(key)
+    return f"{100 * v:6.1f}" if isinstance(v, float) and v == v else f"{'-':>6}"
+
+
+@dataclass
+class Comparison:
+    """One row of measures per model (:attr:`rows`), in the order the models were given; the per-kind
+    layer shares and alias energies in :attr:`by_kind`; the settings in :attr:`settings`."""
+
+    rows: list[dict[str, Any]]
+    by_kind: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [r["model"] for r in self.rows]
+
+    def to_csv(self, path: str | None = None) -> str:
+        """:attr:`rows` as CSV (written to ``path`` if given)."""
+        return rows_to_csv(self.rows, path)
+
+    def to_json(self, path: str | None = None) -> str:
+        """Settings, rows and per-kind measures as JSON."""
+        return save_text(
+            to_json_text({"settings": self.settings, "rows": self.rows, "by_kind": self.by_kind}), path
+        )
+
+    def summary(self) -> str:
+        """A text table: accuracy, consistency, cost and Lie derivative per transform."""
+        transforms = self.settings.get("transforms", [])
+        head = f"{'model':<28} {'top1':>6} {'agree':>6} {'shift':>6} {'frac':>6} {'ms/img':>7} " + " ".join(
+            f"{t[:11]:>11}" for t in transforms
+        )
+        lines = [head]
+        for r in self.rows:
+            lie = " ".join(f"{r[f'lie_{t}']:11.4g}" for t in transforms)
+            pcts = " ".join(
+                _pct(r, k) for k in ("top1", "agreement", "shift_consistency", "fractional_shift_consistency")
+            )
+            lines.append(f"{r['model'][:28]:<28} {pcts} {r['forward_ms']:7.2f} {lie}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def plot(self, path: str | None = None):
+        """The before/after figure (:func:`aliasscope.plots.plot_comparison`)."""
+        from .plots import plot_comparison
+
+        return plot_comparison(self, path)
+
+
+def compare(
+    models: dict[str, nn.Module],
+    images: Any,
+    labels: torch.Tensor | None = None,
+    transforms: Sequence[str] = ("translate_x", "rotate", "scale"),
+    *,
+    crop: int | None = None,
+    generator: str = "central",
+    layer_transform: str | None = "translate_x",
+    layer_images: int = 16,
+    spectral_images: int = 4,
+    upsample: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> Comparison:
+    """Measure every model on the same images (see the module doc).
+
+    Parameters
+    ----------
+    models:
+        Name -> model; the first is the reference for prediction agreement.
+    images:
+        (B, 3, H, W) tensor or :class:`~aliasscope.data.ImageBatch` (its labels are used when
+        ``labels`` is None), already normalised for the models.
+    crop:
+        Side of the crops the models see; default ``H - 32`` (Zhang's protocol on 256-pixel images).
+    layer_transform, layer_images:
+        Transform and number of images for the exact layer attribution (target: the predicted class);
+        None skips it.
+    spectral_images, upsample:
+        Images and upsampling factor of the alias energy per kind; 0 images skips it.
+    """
+    from tqdm.auto import tqdm
+
+    from .borrow import borrowed, check_images
+    from .decompose import decompose as _decompose
+    from .lie import equivariance_metrics
+    from .spectral import spectral
+
+    if not models:
+        raise ValueError("compare needs at least one model")
+    if labels is None:
+        labels = getattr(images, "labels", None)
+    images = getattr(images, "images", images)
+    size = crop if crop is not None else images.shape[-1] - 32
+    if size < 16 or size > min(images.shape[-2:]):
+        raise ValueError(f"crop {size} does not fit images of shape {tuple(images.shape)}")
+    centre = _centre(images, size)
+    rows: list[dict[str, Any]] = []
+    by_kind: dict[str, dict[str, dict[str, float]]] = {}
+    reference: torch.Tensor | None = None
+    for name, model in tqdm(models.items(), desc="models", disable=not progress):
+        check_images(centre[:1], model)
+        device = next(model.parameters()).device
+        with borrowed(model):
+            model.eval()
+            x = centre.to(device)
+            pred = _predict(model, x, batch_size)
+            row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+            row["top1"] = (
+                (pred == labels.cpu()).double().mean().item() if labels is not None else float("nan")
+            )
+            reference = pred if reference is None else reference
+            row["agreement"] = (pred == reference).double().mean().item()
+            full = images.to(device)
+            row["shift_consistency"] = (
+                shift_consistency(model, full, size, seed=seed, batch_size=batch_size)
+                if images.shape[-1] > size
+                else float("nan")
+            )
+            row["fractional_shift_consistency"] = fractional_shift_consistency(
+                model, full, size, seed=seed, batch_size=batch_size
+            )
+            row["forward_ms"] = _forward_ms(model, x[:batch_size])
+        metrics = equivariance_metrics(
+            model, x, list(transforms), generator=generator, batch_size=batch_size, progress=False
+        )
+        for t, (mean, lo, hi) in metrics.interval().items():
+            row[f"lie_{t}"], row[f"lie_{t}_ci95_low"], row[f"lie_{t}_ci95_high"] = mean, lo, hi
+        kinds: dict[str, dict[str, float]] = {}
+        if layer_transform is not None and layer_images > 0:
+            dec = _decompose(model, x[:layer_images], layer_transform, target="pred", generator=generator)
+            row["completeness_error"] = dec.completeness_error
+            for kind, r in dec.by_kind().items():
+                kinds.setdefault(kind, {})["share"] = r["share"]
+        if spectral_images > 0:
+            sp = spectral(model, x[:spectral_images], upsample=upsample, batch_size=batch_size)
+            for kind, r in sp.by_kind().items():
+                alias = r["alias_ratio"] if r["alias_ratio"] == r["alias_ratio"] else r["stride_alias"]
+                kinds.setdefault(kind, {})["alias"] = alias
+            nonlin = sp.by_kind().get("nonlinearity", {}).get("alias_ratio", float("nan"))
+            down = sp.by_kind().get("downsampling", {}).get("stride_alias", float("nan"))
+            row["alias_nonlinearity"], row["alias_downsampling"] = nonlin, down
+        by_kind[name] = kinds
+        rows.append(row)
+    settings = {
+        "transforms": list(transforms),
+        "generator": generator,
+        "images": int(images.shape[0]),
+        "image_size": list(images.shape[-2:]),
+        "crop": size,
+        "layer_transform": layer_transform,
+        "layer_images": min(layer_images, images.shape[0]),
+        "spectral_images": min(spectral_images, images.shape[0]),
+        "upsample": upsample,
+        "seed": seed,
+        "labelled": labels is not None,
+    }
+    return Comparison(rows, by_kind, settings)
