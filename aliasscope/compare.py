@@ -138,7 +138,7 @@ class Comparison:
     def summary(self) -> str:
         """A text table: accuracy, consistency, cost and Lie derivative per transform."""
         transforms = self.settings.get("transforms", [])
-        head = f"{'model':<28} {'top1':>6} {'agree':>6} {'shift':>6} {'frac':>6} {'ms/img':>7} " + " ".join(
+        head = f"{'model':<34} {'top1':>6} {'agree':>6} {'shift':>6} {'frac':>6} {'ms/img':>7} " + " ".join(
             f"{t[:11]:>11}" for t in transforms
         )
         lines = [head]
@@ -147,7 +147,7 @@ class Comparison:
             pcts = " ".join(
                 _pct(r, k) for k in ("top1", "agreement", "shift_consistency", "fractional_shift_consistency")
             )
-            lines.append(f"{r['model'][:28]:<28} {pcts} {r['forward_ms']:7.2f} {lie}")
+            lines.append(f"{r['model'][:34]:<34} {pcts} {r['forward_ms']:7.2f} {lie}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

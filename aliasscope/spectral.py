@@ -200,7 +200,7 @@ def _pointwise_sums(
         y = op(upsample(h[rows], s), rows).double()
         low = downsample(y, hw)
         sums.add_sq("alias" + suffix, y - upsample(low, s), y)
-        native = op(h[rows], rows).double()
+        native = op(h[rows].clone(), rows).double()  # clone: an in-place op must not edit the recording
         sums.add_sq("error" + suffix, native - low, native)
 
 

@@ -284,3 +284,21 @@ def test_patch_embedding_and_patch_merging_get_a_stride_alias() -> None:
     rows = {r["name"]: r for r in spectral(swin, torch.randn(1, 3, 64, 64), upsample=2).table}
     merging = [r for n, r in rows.items() if n.endswith(".downsample") and r["stride"] == 2]
     assert len(merging) == 3 and all(0 < r["stride_alias"] < 1 for r in merging)
+
+
+def test_in_place_activations_do_not_corrupt_later_measures() -> None:
+    from torch import nn
+
+    from aliasscope.spectral import spectral
+
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(inplace=True), nn.Conv2d(4, 2, 3))
+        .double()
+        .eval()
+    )
+    x = random_images(2, 3, 16, 16) * 4
+    with_conv = spectral(model, x, upsample=4, convergence=(2, 8))
+    for s in (2, 8):
+        alone = spectral(model, x, upsample=s)
+        assert with_conv.convergence[s][0][1].item() == pytest.approx(alone.alias_ratio[1].item(), rel=1e-9)
