@@ -32,6 +32,7 @@ __all__ = [
     "CircularAvgPool2d",
     "kaiser_lowpass",
     "same_padding",
+    "shallow_copy",
 ]
 
 
@@ -199,6 +200,21 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[in
     return total // 2, total - total // 2
 
 
+def shallow_copy(module: nn.Module, cls: type[nn.Module] | None = None, **attrs) -> nn.Module:
+    """A copy of ``module`` that shares its parameters, buffers and children but has its own tables of
+    them and its own attributes, optionally as class ``cls`` (a subclass with the same state), with
+    ``attrs`` set: what a fix changes on it leaves ``module`` as it was."""
+    cls = cls or type(module)
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    for name, value in attrs.items():
+        setattr(new, name, value)
+    return new
+
+
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -226,12 +242,7 @@ class _CircularPadding:
     @classmethod
     def like(cls, module: nn.Module, same: bool) -> nn.Module:
         """This class with ``module``'s state (parameters shared), padding nothing itself."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        new._parameters = dict(module._parameters)
-        new._buffers = dict(module._buffers)
-        new._modules = dict(module._modules)
-        new.same = same
+        new = shallow_copy(module, cls, same=same)
         if not same:
             new.circular_pad = _pair(module.padding)
         new.padding = (0, 0) if isinstance(module, nn.Conv2d) else 0

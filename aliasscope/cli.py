@@ -191,16 +191,9 @@ def _fix_names() -> list[str]:
 
 
 def _parse_fixes(specs: list[str] | None) -> list[list[str]]:
-    names = _fix_names()
-    specs = specs or [*names, "circular_padding+polyphase"]
-    chains = []
-    for spec in specs:
-        chain = [part.strip() for part in spec.split("+") if part.strip()]
-        unknown = [c for c in chain if c not in names]
-        if not chain or unknown:
-            raise ValueError(f"unknown fix {spec!r}; valid fixes: {', '.join(names)} (chain them with '+')")
-        chains.append(chain)
-    return chains
+    from .fixes import parse_chain
+
+    return [parse_chain(spec) for spec in specs or [*_fix_names(), "circular_padding+polyphase"]]
 
 
 def fix_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,7 +202,7 @@ def fix_command(args: argparse.Namespace) -> dict[str, Any]:
 
     from .compare import compare
     from .data import load_images
-    from .fixes import FIXES, changes
+    from .fixes import apply_fixes, changes
     from .models import load_model
     from .plots import plot_comparison
 
@@ -226,10 +219,7 @@ def fix_command(args: argparse.Namespace) -> dict[str, Any]:
     }
     models: dict[str, torch.nn.Module] = {"original": model}
     for chain in chains:
-        fixed = model
-        for name in chain:
-            fixed = FIXES[name](fixed, example=example, **options.get(name, {}))
-        models["+".join(chain)] = fixed
+        models["+".join(chain)] = apply_fixes(model, chain, example=example, options=options)
     result = compare(
         models,
         batch.images,
@@ -252,31 +242,25 @@ def fix_command(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.to_csv(out / "comparison.csv")
-    result.to_json(out / "comparison.json")
+    text = result.to_json(out / "comparison.json")
     rows_to_csv(
         [{"variant": n, **c.as_dict()} for n, m in models.items() for c in changes(m)], out / "changes.csv"
     )
     plot_comparison(result, out / "comparison")
     if args.json:
-        print((out / "comparison.json").read_text(encoding="utf-8"))
+        print(text)
     elif not args.quiet:
         print(result.summary())
         print(f"wrote {out}/comparison.csv, comparison.json, changes.csv, comparison.png/svg")
-    return json.loads((out / "comparison.json").read_text(encoding="utf-8"))
+    return json.loads(text)
 
 
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.no_grad():
-            for s in range(0, images.shape[0], batch_size):
-                pred = model(images[s : s + batch_size]).argmax(-1).cpu()
-                correct += int((pred == labels[s : s + batch_size]).sum())
-    finally:
-        model.train(was_training)
-    return correct / images.shape[0]
+    from .borrow import borrowed
+    from .compare import _predict
+
+    with borrowed(model):  # eval mode, given back as it came
+        return (_predict(model, images, batch_size) == labels).double().mean().item()
 
 
 def _versions() -> dict[str, str]:

@@ -11,7 +11,6 @@ in ``[0, 32)^2``, as in Zhang (2019).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .results import rows_to_csv, save_text, to_json_text
+from .timing import best_time
 
 __all__ = ["compare", "Comparison", "shift_consistency", "fractional_shift_consistency", "fft_shift"]
 
@@ -40,13 +40,13 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor
     )
 
 
-def _crop_pairs(x: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image two crop offsets (top, left) in ``[0, H - size]^2`` and the offset difference."""
+def _crop_pairs(x: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image two crop offsets (top, left) in ``[0, H - size]^2``."""
     gen = torch.Generator().manual_seed(seed)
     span = x.shape[-1] - size + 1
     a = torch.randint(0, span, (x.shape[0], 2), generator=gen)
     b = torch.randint(0, span, (x.shape[0], 2), generator=gen)
-    return a, b, b - a
+    return a, b
 
 
 def shift_consistency(
@@ -58,7 +58,7 @@ def shift_consistency(
         raise ValueError(
             f"shift consistency needs images larger than the crop {size}, got {tuple(images.shape)}"
         )
-    a, b, _ = _crop_pairs(images, size, seed)
+    a, b = _crop_pairs(images, size, seed)
     first = torch.stack([_crop(x, int(t), int(lft), size) for x, (t, lft) in zip(images, a, strict=True)])
     second = torch.stack([_crop(x, int(t), int(lft), size) for x, (t, lft) in zip(images, b, strict=True)])
     return (_predict(model, first, batch_size) == _predict(model, second, batch_size)).double().mean().item()
@@ -91,20 +91,13 @@ def fractional_shift_consistency(
 
 
 def _forward_ms(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
-    """Best wall-clock milliseconds per image of a forward pass on ``x``."""
-    cuda = x.device.type == "cuda"
-    best = float("inf")
-    with torch.no_grad():
-        model(x)
-        for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    """Best wall-clock milliseconds per image of a forward pass on ``x`` (after one warm-up pass)."""
+
+    def forward() -> None:
+        with torch.no_grad():
             model(x)
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return 1000 * best / x.shape[0]
+
+    return 1000 * best_time(forward, x.device.type, repeats, warmup=True) / x.shape[0]
 
 
 def _pct(row: dict[str, Any], key: str) -> str:
@@ -215,8 +208,7 @@ def compare(
     for name, model in tqdm(models.items(), desc="models", disable=not progress):
         check_images(centre[:1], model)
         device = next(model.parameters()).device
-        with borrowed(model):
-            model.eval()
+        with borrowed(model):  # eval mode, given back as it came
             x = centre.to(device)
             pred = _predict(model, x, batch_size)
             row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters())}
@@ -248,11 +240,12 @@ def compare(
                 kinds.setdefault(kind, {})["share"] = r["share"]
         if spectral_images > 0:
             sp = spectral(model, x[:spectral_images], upsample=upsample, batch_size=batch_size)
-            for kind, r in sp.by_kind().items():
+            spectra = sp.by_kind()
+            for kind, r in spectra.items():
                 alias = r["alias_ratio"] if r["alias_ratio"] == r["alias_ratio"] else r["stride_alias"]
                 kinds.setdefault(kind, {})["alias"] = alias
-            nonlin = sp.by_kind().get("nonlinearity", {}).get("alias_ratio", float("nan"))
-            down = sp.by_kind().get("downsampling", {}).get("stride_alias", float("nan"))
+            nonlin = spectra.get("nonlinearity", {}).get("alias_ratio", float("nan"))
+            down = spectra.get("downsampling", {}).get("stride_alias", float("nan"))
             row["alias_nonlinearity"], row["alias_downsampling"] = nonlin, down
         by_kind[name] = kinds
         rows.append(row)

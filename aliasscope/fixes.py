@@ -39,10 +39,21 @@ from .antialias import (
     FilteredActivation,
     PhaseBook,
     PolyphaseDown,
+    shallow_copy,
 )
 from .capture import OpRecord, select_ops
 
-__all__ = ["Change", "changes", "blurpool", "filtered_activation", "circular_padding", "polyphase", "FIXES"]
+__all__ = [
+    "Change",
+    "changes",
+    "apply_fixes",
+    "parse_chain",
+    "blurpool",
+    "filtered_activation",
+    "circular_padding",
+    "polyphase",
+    "FIXES",
+]
 
 Where = str | Sequence[str] | Callable[[OpRecord], bool] | None
 _CHANGES_ATTR = "aliasscope_changes"
@@ -185,11 +196,7 @@ def _is_blur(module: nn.Module) -> bool:
 
 def _with_stride_one(module: nn.Module) -> nn.Module:
     """A copy of a conv/pool/blur at stride 1 (same weights, shared)."""
-    new = copy.copy(module)
-    new._parameters = module._parameters  # share, do not copy
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    new.stride = (1, 1) if isinstance(module, nn.Conv2d) else 1
+    new = shallow_copy(module, stride=(1, 1) if isinstance(module, nn.Conv2d) else 1)
     if _is_blur(module):
         from timm.layers import get_padding
 
@@ -294,15 +301,11 @@ def circular_padding(
         if isinstance(m, FilteredActivation):
             if m.filter != "kaiser" or m.pad_mode == "circular":
                 return None
-            new = copy.copy(m)
-            new.pad_mode = "circular"
-            return new
+            return shallow_copy(m, pad_mode="circular")
         if _is_blur(m):
             if m.pad_mode == "circular":
                 return None
-            new = copy.copy(m)
-            new.pad_mode = "circular"
-            return new
+            return shallow_copy(m, pad_mode="circular")
         if isinstance(m, CircularConv2d | CircularMaxPool2d | CircularAvgPool2d):
             return None
         if isinstance(m, Conv2dSame):  # timm's dynamic TF "same" padding, now circular
@@ -312,9 +315,7 @@ def circular_padding(
                 return None
             if m.padding == "same":
                 return "left unchanged: torch has no circular mode for padding='same'"
-            new = copy.copy(m)
-            new.padding_mode = "circular"
-            return new
+            return shallow_copy(m, padding_mode="circular")
         if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
             cls = CircularMaxPool2d if isinstance(m, nn.MaxPool2d) else CircularAvgPool2d
             if type(m).__name__.endswith("Same"):  # timm MaxPool2dSame / AvgPool2dSame pad dynamically
@@ -334,7 +335,6 @@ def polyphase(model: nn.Module, *, where: Where = None, example: torch.Tensor | 
     chose. With :func:`circular_padding` as well, a CNN's output is exactly invariant to circular
     shifts of the input by any integer (grid sizes must stay divisible by the strides). Default
     ``where``: every downsampling op."""
-    book: list[PhaseBook] = []
 
     def make(op: OpRecord, m: nn.Module | None) -> nn.Module | str | None:
         s = _stride(m) if m is not None else None
@@ -342,28 +342,41 @@ def polyphase(model: nn.Module, *, where: Where = None, example: torch.Tensor | 
             return None
         if not (isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d) or _is_blur(m)):
             return f"left unchanged: no polyphase rule for {type(m).__name__}"
-        if not book:
-            book.append(PhaseBook())
-        return nn.Sequential(OrderedDict(full=_with_stride_one(m), aps=PolyphaseDown(s, book[0])))
+        return nn.Sequential(OrderedDict(full=_with_stride_one(m), aps=PolyphaseDown(s)))
 
-    existing = _existing_book(model)
-    if existing is not None:
-        book.append(existing)
     fixed = _apply(model, "polyphase", where, "downsampling", example, make)
-    books = {
-        id(m.book): m.book for m in fixed.modules() if isinstance(m, PolyphaseDown) and m.book is not None
-    }
-    for b in books.values():
-        if not any(getattr(h, "__self__", None) is b for h in fixed._forward_pre_hooks.values()):
-            fixed.register_forward_pre_hook(b.reset)
+    # one book for every APS layer of the copy (layers from an earlier polyphase keep theirs)
+    aps = [m for m in fixed.modules() if isinstance(m, PolyphaseDown)]
+    book = next((m.book for m in aps if m.book is not None), None) or PhaseBook()
+    for m in aps:
+        m.book = book
+    if aps and not any(getattr(h, "__self__", None) is book for h in fixed._forward_pre_hooks.values()):
+        fixed.register_forward_pre_hook(book.reset)
     return fixed
 
 
-def _existing_book(model: nn.Module) -> PhaseBook | None:
-    for m in model.modules():
-        if isinstance(m, PolyphaseDown) and m.book is not None:
-            return m.book
-    return None
+def parse_chain(chain: str | Sequence[str]) -> list[str]:
+    """Fix names of a chain, ``"circular_padding+polyphase"`` or a list, checked against :data:`FIXES`."""
+    names = [p.strip() for p in chain.split("+") if p.strip()] if isinstance(chain, str) else list(chain)
+    if not names or any(n not in FIXES for n in names):
+        spec = chain if isinstance(chain, str) else "+".join(names)
+        raise ValueError(f"unknown fix {spec!r}; valid fixes: {', '.join(FIXES)} (chain them with '+')")
+    return names
+
+
+def apply_fixes(
+    model: nn.Module,
+    chain: str | Sequence[str],
+    *,
+    example: torch.Tensor | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> nn.Module:
+    """Apply a chain of fixes (:func:`parse_chain`) in order; ``options`` maps a fix name to its
+    keyword arguments."""
+    fixed = model
+    for name in parse_chain(chain):
+        fixed = FIXES[name](fixed, example=example, **(options or {}).get(name, {}))
+    return fixed
 
 
 FIXES: dict[str, Callable[..., nn.Module]] = {

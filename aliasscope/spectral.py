@@ -95,10 +95,16 @@ def radial_profile(power: torch.Tensor, bins: int = 32) -> tuple[torch.Tensor, t
     return (edges[1:] + edges[:-1]) / 2, total / count.clamp_min(1)
 
 
+def _hf_parts(power: torch.Tensor, cutoff: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy at ``|k| / Nyquist > cutoff`` and total energy of a power spectrum."""
+    r = _radius(*power.shape, device=power.device)
+    return power[r > cutoff].sum(), power.sum()
+
+
 def hf_fraction(power: torch.Tensor, cutoff: float = 0.5) -> float:
     """Fraction of the energy at ``|k| / Nyquist > cutoff``."""
-    r = _radius(*power.shape, device=power.device)
-    return (power[r > cutoff].sum() / power.sum().clamp_min(1e-300)).item()
+    high, total = _hf_parts(power, cutoff)
+    return (high / total.clamp_min(1e-300)).item()
 
 
 def _outside(y: torch.Tensor, hw: tuple[int, int]) -> float:
@@ -106,10 +112,16 @@ def _outside(y: torch.Tensor, hw: tuple[int, int]) -> float:
     ``||y - up(down(y))||^2 / ||y||^2`` with the ideal band-limited projection, which keeps the cosine
     (and drops the sine) part of a Nyquist frequency, as sampling on the coarse grid does."""
     y = y.double()
+    return _relative_sq(y, _project(y, hw))
+
+
+def _project(y: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The ideal band-limited projection ``up(down(y))`` of (..., H', W') onto the band of an (h, w)
+    grid, which divides (H', W') by one integer factor."""
     fh, fw = y.shape[-2] // hw[0], y.shape[-1] // hw[1]
     if fh * hw[0] != y.shape[-2] or fw * hw[1] != y.shape[-1] or fh != fw:
         raise ValueError(f"cannot project a {tuple(y.shape[-2:])} grid onto {hw}: not an integer factor")
-    return _relative_sq(y, upsample(downsample(y, hw), fh))
+    return upsample(downsample(y, hw), fh)
 
 
 def _relative_sq(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -382,10 +394,10 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
     if out is None or out.kind not in _SINGLE_GRID or not op.outputs:
         return None
     grid_out = out.to_bchw(op.outputs[0])[0]
-    r = _radius(*grid_out.shape[-2:], device=grid_out.device)
     for rows in _batches(grid_out.shape[0], grid_out[:1].numel() * 32, max_bytes):
-        power = torch.fft.fft2(grid_out[rows].double()).abs().pow(2).sum(dim=(0, 1))
-        sums.add("hf", power[r > 0.5].sum().item(), power.sum().item())
+        chunk = grid_out[rows]
+        high, total = _hf_parts(power_spectrum(chunk) * chunk.shape[0] * chunk.shape[1])  # mean -> sum
+        sums.add("hf", high.item(), total.item())
     lay_in = op.in_layouts[0] if len(op.inputs) == 1 and op.in_layouts else None
     if lay_in is None or lay_in.kind not in _SINGLE_GRID:
         return None
@@ -406,7 +418,7 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
     coarse = tuple(grid_out.shape[-2:])
     for rows in _batches(grid_in.shape[0], grid_out[:1].numel() * stride * stride * 64, max_bytes):
         full = stride_one(lambda x, rows=rows: fn(x, rows), grid_in[rows], stride).double()
-        sums.add_sq("stride", full - upsample(downsample(full, coarse), stride), full)
+        sums.add_sq("stride", full - _project(full, coarse), full)
     return stride
 
 

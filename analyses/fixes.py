@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from aliasscope import compare, load_images, load_model
-from aliasscope.fixes import FIXES, changes
+from aliasscope.fixes import apply_fixes, changes
 from aliasscope.results import rows_to_csv
 
 VARIANTS = [
@@ -98,7 +98,6 @@ def main() -> None:
     parser.add_argument("--spectral-images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch threads {torch.get_num_threads()}, device {args.device}")
     start = time.perf_counter()
     model, pre = load_model(args.model, device=args.device)
@@ -109,10 +108,7 @@ def main() -> None:
     example = images[:1, :, 16:-16, 16:-16].to(args.device)
     models = {"original": model}
     for chain in VARIANTS:
-        fixed = model
-        for name in chain:
-            fixed = FIXES[name](fixed, example=example)
-        models["+".join(chain)] = fixed
+        models["+".join(chain)] = apply_fixes(model, chain, example=example)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = compare(

@@ -14,12 +14,10 @@ scaled to 100 (its cost is linear in the probe count); say so when quoting it.
 from __future__ import annotations
 
 import argparse
-import warnings
 
-import timm
 import torch
 import torch.nn.functional as F
-from timing import best_time
+from timing import best_time, model_and_images, model_arguments
 
 from aliasscope.capture import record
 from aliasscope.decompose import _is_zero_by_construction, decompose, local_lie_derivative
@@ -51,11 +49,7 @@ def paper_style_probes(model, x, transform: str, num_probes: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    model_arguments(parser, "resnet50", 32)
     parser.add_argument("--transform", default="translate_x")
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument(
@@ -67,17 +61,8 @@ def main() -> None:
     )
     parser.add_argument("--group", type=int, default=None, help="ops pushed forward together (vector exact)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     dev = args.device
-    torch.manual_seed(0)
-    model = timm.create_model(args.model).eval().to(dev)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
-    name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
-    print(
-        f"model {args.model}, batch {args.batch}x3x{args.size}x{args.size}, device {name}, "
-        f"torch threads {torch.get_num_threads()}, transform {args.transform}"
-    )
+    model, x = model_and_images(args, f", transform {args.transform}")
 
     def fwd() -> None:
         with torch.no_grad():

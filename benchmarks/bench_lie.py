@@ -13,33 +13,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
-import timm
 import torch
 import torch.nn.functional as F
-from timing import sync
+from timing import model_and_images, model_arguments, sync
 
 from aliasscope import apply_generator, lie_derivative
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=2)
+    model_arguments(parser, "tf_efficientnet_lite0", 16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--transform", default="translate_x")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     device = args.device
-    model = timm.create_model(args.model, pretrained=False).eval().to(device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    model, x = model_and_images(args, f", transform {args.transform}, {args.repeats} repeats")
     dx = apply_generator(x, args.transform)
 
     def forward() -> None:
@@ -78,11 +69,6 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
 
     base = statistics.median(times["forward"])
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(
-        f"model {args.model}, batch {args.batch}x3x{args.size}x{args.size}, device {name}, "
-        f"torch threads {torch.get_num_threads()}, transform {args.transform}, {args.repeats} repeats"
-    )
     print(f"{'case':<32} {'median s':>10} {'x forward':>10}")
     for case, ts in times.items():
         med = statistics.median(ts)

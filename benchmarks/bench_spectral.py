@@ -9,33 +9,19 @@ requested upsampling factor (warm-up first, best of 2), as seconds and ratios to
 from __future__ import annotations
 
 import argparse
-import warnings
 
-import timm
 import torch
-from timing import best_time
+from timing import best_time, model_and_images, model_arguments
 
 from aliasscope.spectral import spectral
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
+    model_arguments(parser, "tf_efficientnet_lite0", 2)
     parser.add_argument("--upsample", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    model = timm.create_model(args.model).eval().to(args.device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(
-        f"model {args.model}, batch {args.batch}x3x{args.size}x{args.size}, device {name}, "
-        f"torch threads {torch.get_num_threads()}"
-    )
+    model, x = model_and_images(args)
 
     def fwd() -> None:
         with torch.no_grad():

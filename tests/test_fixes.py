@@ -182,3 +182,14 @@ def test_circular_extension_wraps_maps_smaller_than_the_filter() -> None:
     rows, cols = torch.arange(-7, 10) % 3, torch.arange(-7, 11) % 4
     torch.testing.assert_close(big, x[..., rows[:, None], cols[None, :]])
     assert _extend(x, 5, "reflect").shape[-2:] == (13, 14)  # too small to mirror: replicated
+
+
+def test_polyphase_in_two_steps_shares_one_phase_book() -> None:
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    circ = circular_padding(_resnet18(), example=x)
+    fixed = polyphase(polyphase(circ, where=["conv1", "maxpool"], example=x), where="layer*", example=x)
+    aps = [m for m in fixed.modules() if isinstance(m, PolyphaseDown)]
+    assert len(aps) == 8 and len({id(m.book) for m in aps}) == 1 and len(fixed._forward_pre_hooks) == 1
+    with torch.no_grad():
+        logits = fixed(_shifts(x, [(0, 0), (1, 0), (3, 5), (17, 30)]))
+    torch.testing.assert_close(logits, logits[:1].expand_as(logits), rtol=0, atol=1e-5)
