@@ -1,7 +1,11 @@
 """Write the 256-pixel evaluation crops of the ImageNet sample as JPEG (quality 95), small enough to
 carry to the GPU machine (the originals are 107 MB; the device takes 64 MiB a call).
 
-    python analyses/export_crops.py --out .carry/crops256 [--size 256]
+    python analyses/export_crops.py --out .carry/crops256 [--size 256] [--quality 95]
+
+analyses/fixes.py loads images at the model's crop + 32 (resize and crop): for lite1 (crop 240) and
+lite2 (crop 260) export ``--size 272`` and ``--size 292`` (quality 90 keeps a model's weights and its
+crops within one device call's 64 MiB).
 
 Each image is resized (shorter side ``size``, bilinear, as aliasscope's bundled models preprocess) and
 centre-cropped to ``size`` x ``size``; labels.csv is copied with the new file names. Loading the crops
@@ -23,6 +27,7 @@ def main() -> None:
     parser.add_argument("--images", default="../shared/data/imagenet-sample/labels.csv")
     parser.add_argument("--out", required=True)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (95)")
     args = parser.parse_args()
     src = Path(args.images)
     out = Path(args.out)
@@ -35,7 +40,7 @@ def main() -> None:
         img = img.resize((max(args.size, round(w * scale)), max(args.size, round(h * scale))), Image.BILINEAR)
         left, top = (img.width - args.size) // 2, (img.height - args.size) // 2
         name = Path(row["file"]).with_suffix(".jpg").name
-        img.crop((left, top, left + args.size, top + args.size)).save(out / name, quality=95)
+        img.crop((left, top, left + args.size, top + args.size)).save(out / name, quality=args.quality)
         row["file"] = name
     with (out / "labels.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
