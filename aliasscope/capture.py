@@ -630,8 +630,11 @@ class Recording:
 
 
 def _is_eval_batchnorm(module: nn.Module) -> bool:
+    """A plain BatchNorm in eval mode: affine per channel. Subclasses with their own forward (timm's
+    ``BatchNormAct2d`` adds an activation) are not."""
     return (
         isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
         and not module.training
         and module.track_running_stats
         and module.running_mean is not None

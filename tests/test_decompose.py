@@ -55,6 +55,19 @@ def test_completeness_on_every_family(name: str, dtype: torch.dtype, tol: float)
         assert d.num_ops > 20 or name.startswith("swin")
 
 
+@pytest.mark.parametrize("units", ["paper", ["BatchNormAct2d"]])
+def test_completeness_with_units_that_hide_an_activation(units: str) -> None:
+    # timm's BatchNormAct2d is a BatchNorm subclass with a ReLU6 inside: recorded whole (as the paper's
+    # grouping does), it must not be taken for an affine eval BatchNorm (its contribution was dropped)
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval().double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d = decompose(model, x, "translate_x", target="pred", output="softmax", units=units)
+    assert d.completeness_error <= 1e-9, d.completeness_error
+    if units == "paper":
+        assert any(n == "bn1" for n in d.names)
+
+
 @pytest.mark.slow
 def test_completeness_on_pretrained_lite0_and_real_photos() -> None:
     from aliasscope.data import load_images
