@@ -31,6 +31,15 @@ from .generators import GENERATORS, apply_generator, generator_names
 from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
 from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
 from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
+from .plots import (
+    plot_alias_vs_attribution,
+    plot_comparison,
+    plot_layer_attribution,
+    plot_spectral,
+    plot_transforms,
+    plot_where,
+)
+from .report import render_report, write_report
 from .resample import resample
 from .spectral import Spectrum, spectral
 from .transforms import TRANSFORMS, Transform, get_transform, transform_names
@@ -83,4 +92,25 @@ __all__ = [
     "MissingWeightsError",
     "load_images",
     "ImageBatch",
+    # figures and report
+    "plot_layer_attribution",
+    "plot_transforms",
+    "plot_spectral",
+    "plot_alias_vs_attribution",
+    "plot_where",
+    "plot_comparison",
+    "render_report",
+    "write_report",
+    # captum (imported on first use: captum's import is slow)
+    "LayerLieDerivative",
+    "LieDerivativeAttribution",
 ]
+
+
+def __getattr__(name: str):
+    """Load the captum classes on first use."""
+    if name in ("LayerLieDerivative", "LieDerivativeAttribution"):
+        from . import captum
+
+        return getattr(captum, name)
+    raise AttributeError(f"module 'aliasscope' has no attribute {name!r}")

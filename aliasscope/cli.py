@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -71,6 +72,13 @@ def _common_arguments(p: argparse.ArgumentParser, transforms: list[str] | None, 
         "--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)"
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="precision of model and images (default float32; float64 for derivative checks)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (probes, shift offsets; default 0)")
     p.add_argument("--out", default=out, help=f"output folder (default {out}/)")
 
 
@@ -96,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_arguments(diag, None, "aliasscope-out")
     diag.add_argument(
         "--layerwise",
-        action="store_true",
-        help="also attribute the Lie derivative to every op (exact chain rule) and write layers.csv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="attribute the Lie derivative to every op (exact chain rule), write layers.csv (default: yes)",
     )
     diag.add_argument(
         "--layer-transforms",
@@ -115,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.add_argument(
         "--spectral",
-        action="store_true",
-        help="also measure aliasing energy per op and join it with the layer attribution "
-        "(implies --layerwise): writes spectral.csv and a rank correlation into summary.json",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure aliasing energy per op and join it with the layer attribution: writes spectral.csv "
+        "and a rank correlation into summary.json (default: yes)",
     )
     diag.add_argument(
         "--upsample",
@@ -140,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="further upsampling factors at which --spectral re-measures the pointwise ops, to check "
         "that --upsample is large enough; summary.json gets the largest relative change of any op's "
         "alias ratio (default: 2; '2 8' costs about 5x more; none to skip)",
+    )
+    diag.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write figures/*.png|svg and the self-contained report.html (default: yes)",
+    )
+    diag.add_argument(
+        "--where-images",
+        type=int,
+        default=3,
+        help="images shown in the 'where in the image' figure (default 3; 0 skips it)",
     )
     diag.add_argument("--quiet", action="store_true", help="no progress bars or table")
     diag.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the table")
@@ -274,17 +296,32 @@ def _versions() -> dict[str, str]:
     }
 
 
-def diagnose(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``aliasscope diagnose``; returns the summary it writes."""
-    from .data import load_images
-    from .lie import equivariance_metrics
+def _load(args: argparse.Namespace):
+    """Check the device, seed the generators, load the model (in ``--dtype``) and its preprocessing."""
     from .models import load_model
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
-    start = time.perf_counter()
+    torch.manual_seed(args.seed)
     model, preprocess = load_model(args.model, pretrained=args.pretrained, arch=args.arch, device=args.device)
+    if args.dtype == "float64":
+        model = model.double()
+    return model, preprocess
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.float64 if args.dtype == "float64" else torch.float32
+
+
+def diagnose(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``aliasscope diagnose``; returns the summary it writes."""
+    from .data import load_images
+    from .lie import equivariance_metrics
+
+    start = time.perf_counter()
+    model, preprocess = _load(args)
     batch = load_images(args.images, preprocess, limit=args.num_images, every=args.every)
+    batch.images = batch.images.to(_dtype(args))
     images = batch.images.to(args.device)
     top1 = None if batch.labels is None else _top1(model, images, batch.labels, args.batch_size)
     metrics = equivariance_metrics(
@@ -298,7 +335,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics.to_csv(out / "metrics.csv")
-    summary = {
+    summary: dict[str, Any] = {
         "model": args.model,
         "pretrained": bool(args.pretrained),
         "images": args.images or "scikit-image bundled photos",
@@ -306,32 +343,113 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         "preprocess": repr(preprocess),
         "generator": args.generator,
         "device": args.device,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "target": args.target,
         "top1": top1,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": None,
         "versions": _versions(),
+        "intervals": {t: list(v) for t, v in metrics.interval().items()},
         "metrics": json.loads(metrics.to_json()),
     }
-    if args.layerwise or args.spectral:
-        layer_rows: list[dict[str, Any]] = []
-        summary["layerwise"] = _layerwise(args, model, images, out, layer_rows)
-        if args.spectral:
-            summary["spectral"] = _spectral(args, model, images, out, layer_rows)
-        summary["seconds"] = round(time.perf_counter() - start, 2)
+    layer_rows: list[dict[str, Any]] = []
+    decs: dict[str, Any] = {}
+    spectrum = spectral_rows = None
+    if args.layerwise:
+        summary["layerwise"] = _layerwise(args, model, images, out, layer_rows, decs)
+    if args.spectral:
+        summary["spectral"], spectrum, spectral_rows = _spectral(args, model, images, out, layer_rows)
+    if args.report:
+        figures = _figures(
+            args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out
+        )
+    summary["seconds"] = round(time.perf_counter() - start, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if args.report:
+        from .report import write_report
+
+        write_report(out / "report.html", summary, figures)
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
-        print(
-            f"\nmodel {args.model} ({'pretrained' if args.pretrained else 'random init'}), "
-            f"{len(batch)} images, {args.device}"
-        )
-        print(metrics.summary())
-        if top1 is not None:
-            print(f"top-1 accuracy: {100 * top1:.1f}% ({len(batch)} labelled images)")
-        names = ("metrics.csv", "layers.csv", "spectral.csv", "summary.json")
-        written = ", ".join(n for n in names if (out / n).exists())
-        print(f"wrote {written} into {out}/ ({time.perf_counter() - start:.1f} s)")
+        _print_summary(args, summary, metrics, out, start)
     return summary
+
+
+def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: Path, start: float) -> None:
+    """The one-screen text summary at the end of ``diagnose``."""
+    print(
+        f"\nmodel {args.model} ({'pretrained' if args.pretrained else 'random init'}), "
+        f"{summary['num_images']} images, {args.device}"
+    )
+    print(metrics.summary())
+    if summary["top1"] is not None:
+        print(f"top-1 accuracy: {100 * summary['top1']:.1f}% ({summary['num_images']} labelled images)")
+    if summary.get("layerwise"):
+        from .report import advice
+
+        print()
+        for line in advice(summary):
+            print(re.sub(r"</?(code|b)>", "", line))
+    names = ("report.html", "metrics.csv", "layers.csv", "spectral.csv", "summary.json")
+    written = ", ".join(n for n in names if (out / n).exists())
+    figs = " and figures/" if (out / "figures").exists() else ""
+    print(f"\nwrote {written}{figs} into {out}/ ({time.perf_counter() - start:.1f} s)")
+
+
+def _figures(
+    args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out: Path
+) -> dict[str, Path]:
+    """Every figure of the report into ``out/figures``; returns {key: png path}."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from tqdm.auto import tqdm
+
+    from . import plots
+    from .decompose import decompose
+
+    folder = out / "figures"
+    jobs: list[tuple[str, Any]] = [("transforms", lambda p: plots.plot_transforms(metrics, p))]
+    if decs:
+        jobs.append(("attribution", lambda p: plots.plot_layer_attribution(decs, p)))
+    if spectrum is not None:
+        jobs.append(("spectral", lambda p: plots.plot_spectral(spectrum, p)))
+        if spectral_rows is not None and decs:
+            join = summary["spectral"]["join"]
+            jobs.append(
+                (
+                    "alias_vs_attribution",
+                    lambda p: plots.plot_alias_vs_attribution(
+                        spectral_rows, p, rho=join["spearman_rho"], p_value=join["p_value"]
+                    ),
+                )
+            )
+    if args.where_images > 0 and args.layerwise:
+        x = batch.images[: args.where_images].to(args.device)
+        transform = args.layer_transforms[0]
+
+        def where(p: Path):
+            dec = decompose(
+                model,
+                x,
+                transform,
+                target=_parse_target(args.target) or "pred",
+                output="softmax",
+                generator=args.generator,
+                keep_maps=True,
+            )
+            titles = [Path(f).stem for f in batch.files[: x.shape[0]]]
+            return plots.plot_where(x, dec, p, mean=preprocess.mean, std=preprocess.std, titles=titles)
+
+        jobs.append(("where", where))
+    paths = {}
+    for key, job in tqdm(jobs, desc="figures", disable=args.quiet):
+        fig = job(folder / key)
+        plt.close(fig)
+        paths[key] = folder / f"{key}.png"
+    return paths
 
 
 def _parse_target(text: str) -> int | str | None:
@@ -347,8 +465,9 @@ def _parse_target(text: str) -> int | str | None:
 
 def _spectral(
     args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path, layer_rows: list[dict]
-) -> dict[str, Any]:
-    """Aliasing per op joined with its Lie-derivative share; writes spectral.csv; returns the summary part."""
+) -> tuple[dict[str, Any], Any, list[dict]]:
+    """Aliasing per op joined with its Lie-derivative share; writes spectral.csv; returns the summary
+    part, the Spectrum and the joined rows."""
     from scipy import stats
 
     from .spectral import spectral
@@ -378,27 +497,28 @@ def _spectral(
     if len(pairs) >= 3:
         res = stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
         join.update(spearman_rho=float(res.statistic), p_value=float(res.pvalue))
-    if not args.quiet and not args.json:
-        print(
-            f"spectral: {len(pairs)} ops with an alias measure; Spearman rank correlation of alias energy "
-            f"with the Lie-derivative share: {join['spearman_rho']}"
-        )
-        for key, value in sp.convergence_summary().items():
-            print(f"spectral convergence: {key} = {value:.3g}")
-    return {
+    top = sorted((r for r in rows if r["alias"] == r["alias"]), key=lambda r: -r["alias"])[:10]
+    part = {
         "upsample": args.upsample,
         "images": int(min(args.spectral_images, images.shape[0])),
         "by_kind": sp.by_kind(),
         "convergence": sp.convergence_summary(),
         "join": join,
+        "top": [{k: r[k] for k in ("order", "name", "kind", "alias", "lie_share")} for r in top],
     }
+    return part, sp, rows
 
 
 def _layerwise(
-    args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path, rows: list[dict]
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    out: Path,
+    rows: list[dict],
+    decs: dict[str, Any],
 ) -> dict[str, Any]:
-    """Decompose each --layer-transforms over all images; write layers.csv into ``rows`` and a file;
-    return the summary part."""
+    """Decompose each --layer-transforms over all images; rows of layers.csv into ``rows`` (and the
+    file), each transform's Decomposition into ``decs``; returns the summary part."""
     from tqdm.auto import tqdm
 
     from .decompose import Decomposition, decompose
@@ -422,6 +542,7 @@ def _layerwise(
             )
             bar.update()
         d = Decomposition.concat(parts)
+        decs[name] = d
         rows.extend({"transform": name, **r} for r in d.table)
         result[name] = {
             "completeness_error": d.completeness_error,
@@ -430,8 +551,6 @@ def _layerwise(
             "by_kind": d.by_kind(),
             "top": d.top(10),
         }
-        if not args.quiet and not args.json:
-            tqdm.write(d.summary(5))
     bar.close()
     rows_to_csv(rows, out / "layers.csv")
     return result

@@ -84,6 +84,19 @@ class Decomposition:
     target: str
     maps: dict[str, torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    layout_objects: list[Layout] = field(default_factory=list, repr=False)
+
+    def spatial_map(self, name: str) -> torch.Tensor:
+        """(B, H, W): the contribution map of op ``name`` (``keep_maps=True``) summed over channels, on
+        the op's own grid (prefix tokens dropped; their part is in :attr:`values`, not in the map)."""
+        if not self.maps or name not in self.maps:
+            raise KeyError(
+                f"no contribution map for {name!r}: decompose with keep_maps=True and a scalar target"
+            )
+        layout = self.layout_objects[self.names.index(name)] if self.layout_objects else None
+        if layout is None or layout.kind not in ("bchw", "bhwc", "tokens"):
+            raise ValueError(f"op {name!r} has layout {layout}: no single image grid to map")
+        return layout.to_bchw(self.maps[name])[0].sum(1)
 
     @property
     def num_ops(self) -> int:
@@ -173,7 +186,11 @@ class Decomposition:
             generator=first.generator,
             output=first.output,
             target=first.target,
+            maps={k: torch.cat([p.maps[k] for p in parts]) for k in first.maps}
+            if all(p.maps for p in parts)
+            else None,
             extra=dict(first.extra),
+            layout_objects=list(first.layout_objects),
         )
 
     def to_csv(self, path: str | None = None) -> str:
@@ -589,6 +606,7 @@ def decompose(
         names=[ops[i].name for i in keep],
         kinds=[ops[i].kind for i in keep],
         layouts=[str(ops[i].layout) for i in keep],
+        layout_objects=[ops[i].layout for i in keep],
         shapes=[ops[i].shape for i in keep],
         values=kept,
         total=total,

@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+RADIAL_BINS = 32
+"""Rings of the radial spectra kept by :func:`spectral` (``Spectrum.radial_spectra``)."""
+
+
 def _grid(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The tensor as a (M, 1, H, W) stack of grids (prefix tokens dropped)."""
     img, _ = layout.to_bchw(x)
@@ -182,6 +186,7 @@ class _Sums:
     def __init__(self) -> None:
         self.num: dict[str, float] = {}
         self.den: dict[str, float] = {}
+        self.radial: torch.Tensor | None = None  # summed ring-mean power of the output, RADIAL_BINS rings
 
     def add(self, key: str, num: float, den: float) -> None:
         self.num[key] = self.num.get(key, 0.0) + num
@@ -303,6 +308,20 @@ class Spectrum:
     upsample: int
     strides: list[int | None] = field(default_factory=list)
     convergence: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    radial: torch.Tensor | None = None
+
+    def radial_spectra(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(centres, profiles)``: ring centres in ``|k| / Nyquist`` (:data:`RADIAL_BINS` rings over
+        [0, sqrt 2]) and, per op, the mean power of its output in each ring as a fraction of the op's
+        summed ring powers (num_ops, RADIAL_BINS); NaN for ops that are not image-like and for rings
+        a small grid has no frequencies in."""
+        edges = torch.linspace(0, 2**0.5 + 1e-9, RADIAL_BINS + 1, dtype=torch.float64)
+        centres = (edges[1:] + edges[:-1]) / 2
+        if self.radial is None:
+            return centres, torch.full((len(self.names), RADIAL_BINS), float("nan"), dtype=torch.float64)
+        prof = self.radial.clone()
+        prof[prof <= 0] = float("nan")
+        return centres, prof / prof.nansum(1, keepdim=True)
 
     @property
     def table(self) -> list[dict[str, Any]]:
@@ -396,8 +415,11 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
     grid_out = out.to_bchw(op.outputs[0])[0]
     for rows in _batches(grid_out.shape[0], grid_out[:1].numel() * 32, max_bytes):
         chunk = grid_out[rows]
-        high, total = _hf_parts(power_spectrum(chunk) * chunk.shape[0] * chunk.shape[1])  # mean -> sum
+        power = power_spectrum(chunk) * chunk.shape[0] * chunk.shape[1]  # mean -> sum
+        high, total = _hf_parts(power)
         sums.add("hf", high.item(), total.item())
+        ring = radial_profile(power, RADIAL_BINS)[1].cpu()
+        sums.radial = ring if sums.radial is None else sums.radial + ring
     lay_in = op.in_layouts[0] if len(op.inputs) == 1 and op.in_layouts else None
     if lay_in is None or lay_in.kind not in _SINGLE_GRID:
         return None
@@ -483,6 +505,8 @@ def spectral(
     def col(key: str) -> torch.Tensor:
         return torch.tensor([s.ratio(key) for s in sums], dtype=torch.float64)
 
+    _no_ring = torch.full((RADIAL_BINS,), float("nan"), dtype=torch.float64)
+
     return Spectrum(
         names=names,
         kinds=kinds,
@@ -494,4 +518,5 @@ def spectral(
         upsample=upsample,
         strides=strides,
         convergence={f: (col(f"alias_s{f}"), col(f"error_s{f}")) for f in factors},
+        radial=torch.stack([s.radial if s.radial is not None else _no_ring for s in sums]) if sums else None,
     )

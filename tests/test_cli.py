@@ -14,11 +14,12 @@ from PIL import Image
 from aliasscope.cli import build_parser, main
 
 TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
+LEAN = ["--no-layerwise", "--no-spectral", "--no-report"]  # each test turns on what it checks
 
 
 def _diagnose_tiny(tmp_path: Path, images: Path, *extra: str) -> int:
     """``aliasscope diagnose`` on a tiny random model, writing into ``tmp_path / "out"``."""
-    return main(["diagnose", *TINY, "--images", str(images), "--out", str(tmp_path / "out"), *extra])
+    return main(["diagnose", *TINY, *LEAN, "--images", str(images), "--out", str(tmp_path / "out"), *extra])
 
 
 def _photos(folder: Path, n: int = 3) -> Path:
@@ -62,6 +63,7 @@ def test_diagnose_with_labels_reports_top1(tmp_path: Path, capsys: pytest.Captur
         "translate_x",
         "--out",
         str(tmp_path / "o"),
+        *LEAN,
     ]
     assert main(args) == 0
     text = capsys.readouterr().out
@@ -144,6 +146,12 @@ def test_help_lists_every_option() -> None:
         "--pretrained",
         "--quiet",
         "--json",
+        "--dtype",
+        "--seed",
+        "--target",
+        "--layerwise",
+        "--spectral",
+        "--report",
     ):
         assert option in help_text
 
@@ -169,7 +177,8 @@ def test_bad_layerwise_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    extra = ["--spectral", "--layer-transforms", "translate_x", "--upsample", "2", "--spectral-images", "1"]
+    extra = ["--layerwise", "--spectral", "--layer-transforms", "translate_x", "--upsample", "2"]
+    extra += ["--spectral-images", "1"]
     assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra, "--convergence", "4") == 0
     rows = list(csv.DictReader((out / "spectral.csv").open()))
     columns = {
@@ -189,6 +198,52 @@ def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Pat
     assert join["ops"] >= 3 and -1 <= join["spearman_rho"] <= 1
     assert summary["spectral"]["convergence"]["max_rel_change_s4_vs_s2"] >= 0
     assert (out / "layers.csv").exists()
+
+
+FIGURES = ("transforms", "attribution", "spectral", "alias_vs_attribution", "where")
+
+
+def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    extra = ["--layerwise", "--spectral", "--report", "--layer-transforms", "translate_x", "rotate"]
+    extra += ["--upsample", "2", "--spectral-images", "1", "--convergence", "--where-images", "2"]
+    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra) == 0
+    for key in FIGURES:
+        for suffix in (".png", ".svg"):
+            assert (out / "figures" / (key + suffix)).stat().st_size > 1000, key
+        with Image.open(out / "figures" / f"{key}.png") as im:
+            assert im.size[0] > 400 and im.size[1] > 300
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    summary = json.loads((out / "summary.json").read_text())
+    top = summary["layerwise"]["translate_x"]["top"][0]["name"]
+    assert top in page and "Completeness check" in page and "exact" in page
+    assert summary["dtype"] == "float32" and summary["seed"] == 0
+    assert set(summary["intervals"]) == {"translate_x", "rotate"}
+
+
+def test_diagnose_in_float64_matches_float32(tmp_path: Path) -> None:
+    imgs = _photos(tmp_path / "imgs", 2)
+    for dtype in ("float32", "float64"):
+        main(
+            [
+                "diagnose",
+                *TINY,
+                *LEAN,
+                "--images",
+                str(imgs),
+                "--out",
+                str(tmp_path / dtype),
+                "--dtype",
+                dtype,
+            ]
+        )
+    a, b = (
+        json.loads((tmp_path / d / "summary.json").read_text())["intervals"] for d in ("float32", "float64")
+    )
+    for t in a:
+        assert a[t][0] == pytest.approx(b[t][0], rel=1e-3)
+    assert a["translate_x"][0] != b["translate_x"][0]  # really computed in another precision
 
 
 def test_fix_writes_the_comparison(tmp_path: Path) -> None:
