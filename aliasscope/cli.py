@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .generators import generator_names
-from .results import rows_to_csv
+from .results import rows_to_csv, to_json_text
 from .transforms import transform_names
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -365,13 +365,14 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out
         )
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    text = to_json_text(summary)  # strict JSON: NaN (a measure that does not apply) written as null
+    (out / "summary.json").write_text(text, encoding="utf-8")
     if args.report:
         from .report import write_report
 
         write_report(out / "report.html", summary, figures)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(text)
     elif not args.quiet:
         _print_summary(args, summary, metrics, out, start)
     return summary
@@ -430,13 +431,14 @@ def _figures(
     if args.where_images > 0 and args.layerwise:
         x = batch.images[: args.where_images].to(args.device)
         transform = args.layer_transforms[0]
+        target = _parse_target(args.target)  # maps need a scalar: 'all' shows the predicted class
 
         def where(p: Path):
             dec = decompose(
                 model,
                 x,
                 transform,
-                target=_parse_target(args.target) or "pred",
+                target="pred" if target is None else target,
                 output="softmax",
                 generator=args.generator,
                 keep_maps=True,

@@ -215,7 +215,11 @@ def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:
             assert im.size[0] > 400 and im.size[1] > 300
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)
-    summary = json.loads((out / "summary.json").read_text())
+
+    def strict(token: str) -> None:
+        raise AssertionError(f"summary.json is not strict JSON: {token}")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=strict)
     top = summary["layerwise"]["translate_x"]["top"][0]["name"]
     assert top in page and "Completeness check" in page and "exact" in page
     assert summary["dtype"] == "float32" and summary["seed"] == 0
