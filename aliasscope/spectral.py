@@ -209,16 +209,25 @@ def _pointwise_sums(
     sums: _Sums,
     max_bytes: float = float("inf"),
     suffix: str = "",
+    elementwise: bool = False,
 ) -> None:
     """Add the ``alias`` and ``error`` energies of a pointwise op on (B, C, H, W) ``h`` at factor ``s``;
-    ``op(x, rows)`` gets the batch rows it works on."""
+    ``op(x, rows)`` gets the batch rows it works on. An ``elementwise`` op (the same function on every
+    entry, no per-channel parameters) is also split over channels when one image exceeds ``max_bytes``."""
     hw = tuple(h.shape[-2:])
-    for rows in _batches(h.shape[0], h[:1].numel() * s * s * 64, max_bytes):
-        y = op(upsample(h[rows], s), rows).double()
-        low = downsample(y, hw)
-        sums.add_sq("alias" + suffix, y - upsample(low, s), y)
-        native = op(h[rows].clone(), rows).double()  # clone: an in-place op must not edit the recording
-        sums.add_sq("error" + suffix, native - low, native)
+    per_image = h[:1].numel() * s * s * 64
+    channels = [slice(None)]
+    if elementwise and per_image > max_bytes and h.shape[1] > 1:
+        channels = _batches(h.shape[1], per_image // h.shape[1], max_bytes)
+    for rows in _batches(h.shape[0], per_image, max_bytes):
+        for chans in channels:
+            part = h[rows, chans]
+            y = op(upsample(part, s), rows).double()
+            low = downsample(y, hw)
+            sums.add_sq("alias" + suffix, y - upsample(low, s), y)
+            native = op(part.clone(), rows).double()  # clone: an in-place op must not edit the recording
+            sums.add_sq("error" + suffix, native - low, native)
+            del y, low, native
 
 
 def pointwise_aliasing(
@@ -399,6 +408,28 @@ def _grid_op(op: OpRecord) -> Callable[[torch.Tensor, slice], torch.Tensor]:
     return fn
 
 
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Identity,
+)
+
+
+def _elementwise(module: nn.Module | None) -> bool:
+    """A parameter-free activation module of a known elementwise type (safe to split over channels)."""
+    return isinstance(module, _ELEMENTWISE) and not any(True for _ in module.parameters())
+
+
 def _shrink(op: OpRecord) -> int | None:
     """The integer factor by which a single-grid op shrinks its grid (None unless it does)."""
     h, w = op.in_layouts[0].to_bchw(op.inputs[0])[0].shape[-2:]
@@ -426,13 +457,16 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
     grid_in = lay_in.to_bchw(op.inputs[0])[0]
     fn = _grid_op(op)
     inner = getattr(op.unit, "act", None) if getattr(op.unit, "aliasscope_filtered", False) else None
+    elementwise = _elementwise(op.unit) and op.layout.kind != "tokens"
     if inner is not None:  # a filtered nonlinearity: measure its activation on the grid it runs on
         grid_in = op.unit.resample_up(grid_in)
         fn = lambda x, rows: inner(x)  # noqa: E731 (pointwise: rows do not matter)
+        elementwise = _elementwise(inner)
     pointwise = op.kind == "nonlinearity" or op.op in _POINTWISE_NORMS
     if pointwise and op.inputs[0].shape == op.outputs[0].shape:
         for s in [factor, *factors]:
-            _pointwise_sums(fn, grid_in, s, sums, max_bytes, suffix="" if s == factor else f"_s{s}")
+            suffix = "" if s == factor else f"_s{s}"
+            _pointwise_sums(fn, grid_in, s, sums, max_bytes, suffix=suffix, elementwise=elementwise)
         return None
     stride = _shrink(op)
     if stride is None:

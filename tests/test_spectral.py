@@ -250,6 +250,36 @@ def test_spectral_does_not_depend_on_batching_or_the_memory_budget() -> None:
     assert whole.stride_alias[0] > 0 and whole.stride_alias[4] > 0
 
 
+def test_elementwise_activations_split_over_channels_under_a_small_budget() -> None:
+    # one image of a wide activation at a high factor may not fit: an elementwise op is measured
+    # a few channels at a time, with the same pooled energies
+    from torch import nn
+
+    from aliasscope.spectral import spectral
+
+    seen: list[int] = []
+
+    class Spy(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[1])
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), Spy(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = model.double().eval()
+    x = random_images(2, 3, 16, 16)
+    whole = spectral(model, x, upsample=4)
+    assert min(seen) == 6
+    seen.clear()
+    small = spectral(model, x, upsample=4, max_bytes=2 * 16 * 16 * 16 * 64)  # two channels at 4x
+    assert min(seen) == 2
+    for name in ("alias_ratio", "aliasing_error"):
+        torch.testing.assert_close(
+            getattr(small, name), getattr(whole, name), rtol=1e-10, atol=1e-300, equal_nan=True
+        )
+    assert whole.alias_ratio[1] > 1e-4
+
+
 def test_spectral_reports_convergence_in_the_upsampling_factor(tmp_path) -> None:
     import json
 
