@@ -51,10 +51,8 @@ def main() -> None:
     for s in args.factors:
         net = model if s == 1 else filtered_activation(model, up=s, filter="ideal", example=x[:1])
         # spectral first, on an empty device: a wrapped activation is measured on its s-times finer grid,
-        # upsampled again by ``measure``. The committed 8x run used 2 (one image at 32x the native grid
-        # took 60 GB before spectral learnt to split elementwise ops over channels); s=2 vs 4 differs
-        # by <= 10% (README)
-        measure = 4 if s <= 4 else 2
+        # upsampled again by ``measure`` (at 8x: 32x the native grid; spectral splits it over channels)
+        measure = 4
         sp = spectral(net, x[: args.spectral_images], upsample=measure, batch_size=1, max_bytes=2**28)
         alias = sp.by_kind().get("nonlinearity", {}).get("alias_ratio", float("nan"))
         del sp
