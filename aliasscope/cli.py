@@ -524,27 +524,20 @@ def _layerwise(
     file), each transform's Decomposition into ``decs``; returns the summary part."""
     from tqdm.auto import tqdm
 
-    from .decompose import Decomposition, decompose
+    from .decompose import decompose
 
     target = _parse_target(args.target)
     result: dict[str, Any] = {}
-    starts = list(range(0, images.shape[0], args.batch_size))
-    bar = tqdm(total=len(starts) * len(args.layer_transforms), desc="layer attribution", disable=args.quiet)
-    for name in args.layer_transforms:
-        parts = []
-        for s in starts:
-            parts.append(
-                decompose(
-                    model,
-                    images[s : s + args.batch_size],
-                    name,
-                    target=target,
-                    output="softmax",
-                    generator=args.generator,
-                )
-            )
-            bar.update()
-        d = Decomposition.concat(parts)
+    for name in tqdm(args.layer_transforms, desc="layer attribution", disable=args.quiet):
+        d = decompose(
+            model,
+            images,
+            name,
+            target=target,
+            output="softmax",
+            generator=args.generator,
+            batch_size=args.batch_size,
+        )
         decs[name] = d
         rows.extend({"transform": name, **r} for r in d.table)
         result[name] = {
@@ -554,7 +547,6 @@ def _layerwise(
             "by_kind": d.by_kind(),
             "top": d.top(10),
         }
-    bar.close()
     rows_to_csv(rows, out / "layers.csv")
     return result
 

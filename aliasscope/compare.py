@@ -189,7 +189,6 @@ def compare(
     from tqdm.auto import tqdm
 
     from .borrow import borrowed, check_images
-    from .decompose import Decomposition
     from .decompose import decompose as _decompose
     from .lie import equivariance_metrics
     from .spectral import spectral
@@ -235,13 +234,13 @@ def compare(
             row[f"lie_{t}"], row[f"lie_{t}_ci95_low"], row[f"lie_{t}_ci95_high"] = mean, lo, hi
         kinds: dict[str, dict[str, float]] = {}
         if layer_transform is not None and layer_images > 0:
-            # in chunks: the exact decomposition keeps every activation of a chunk alive
-            y, step = x[:layer_images], min(batch_size, 16)
-            dec = Decomposition.concat(
-                [
-                    _decompose(model, y[i : i + step], layer_transform, target="pred", generator=generator)
-                    for i in range(0, y.shape[0], step)
-                ]
+            dec = _decompose(
+                model,
+                x[:layer_images],
+                layer_transform,
+                target="pred",
+                generator=generator,
+                batch_size=min(batch_size, 16),  # the decomposition keeps every activation of a batch
             )
             row["completeness_error"] = dec.completeness_error
             for kind, r in dec.by_kind().items():

@@ -440,6 +440,7 @@ def decompose(
     group_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    batch_size: int | None = None,
 ) -> Decomposition:
     """Attribute the Lie derivative of ``output(model(x))`` to every op of the model.
 
@@ -475,6 +476,10 @@ def decompose(
         activations (at most 64).
     progress:
         Show a tqdm bar over ops.
+    batch_size:
+        Decompose at most this many images at a time (every activation of a batch is kept alive) and
+        join the parts (:meth:`Decomposition.concat`); ``None``: all at once. Per-image targets are
+        split with the images.
     """
     get_transform(transform)
     get_generator(generator)
@@ -483,6 +488,33 @@ def decompose(
     if method == "probe" and target is not None:
         raise ValueError("method='probe' estimates the norm of the whole output vector: use target=None")
     images = check_images(images, model)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
+    if batch_size is not None and images.shape[0] > batch_size:
+        one_d = isinstance(target, list | tuple) or (isinstance(target, torch.Tensor) and target.dim() == 1)
+        per_image = one_d and len(target) == images.shape[0]
+        return Decomposition.concat(
+            [
+                decompose(
+                    model,
+                    images[i : i + batch_size],
+                    transform,
+                    target=target[i : i + batch_size] if per_image else target,
+                    output=output,
+                    method=method,
+                    generator=generator,
+                    select=select,
+                    layouts=layouts,
+                    units=units,
+                    keep_maps=keep_maps,
+                    num_probes=num_probes,
+                    group_size=group_size,
+                    seed=seed,
+                    progress=progress,
+                )
+                for i in range(0, images.shape[0], batch_size)
+            ]
+        )
     head = _output_fn(output)
     vector = target is None
     with borrowed(model):

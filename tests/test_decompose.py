@@ -161,6 +161,21 @@ def test_contributions_match_finite_differences_of_the_target() -> None:
         torch.testing.assert_close(d.maps[op.name].sum((1, 2, 3)), d.values[i])
 
 
+def test_batch_size_joins_parts_equal_to_one_pass() -> None:
+    model = smooth_cnn()
+    x = random_images(5, h=16, w=16).double()
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    whole = decompose(model, x, "rotate", target=labels, keep_maps=True)
+    parts = decompose(model, x, "rotate", target=labels, keep_maps=True, batch_size=2)
+    torch.testing.assert_close(parts.values, whole.values, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(parts.total, whole.total, rtol=1e-9, atol=1e-12)
+    assert parts.completeness_error < 1e-9 and parts.names == whole.names
+    name = parts.names[0]
+    torch.testing.assert_close(parts.maps[name], whole.maps[name], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size"):
+        decompose(model, x, "rotate", batch_size=0)
+
+
 def test_select_moves_the_rest_to_unattributed() -> None:
     net, x = smooth_cnn(), random_images()
     full = decompose(net, x, "rotate", target=0)
