@@ -14,13 +14,11 @@ different depth are comparable), with a 95% bootstrap interval over ops. Writes 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import IMAGES, PRETRAINED, Clock, attribute, model_and_images
+from common import PRETRAINED, analysis_parser, attribute, begin, model_and_images
 from scipy import stats
 
 from aliasscope import spectral
@@ -41,17 +39,11 @@ def bootstrap_spearman(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="figures/alias_vs_lie")
-    parser.add_argument("--images", default=IMAGES)
+    parser = analysis_parser(__doc__, "figures/alias_vs_lie")
     parser.add_argument("--layer-images", type=int, default=32)
     parser.add_argument("--spectral-images", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, device {args.device}")
-    clock = Clock()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    clock, out = begin(args)
     rows, per_model = [], {}
     for name in PRETRAINED:
         loaded = model_and_images(name, args.images, args.layer_images, device=args.device)

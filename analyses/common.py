@@ -7,6 +7,7 @@ from ``analyses/``'s folder: ``python analyses/NAME.py``).
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from aliasscope import Decomposition, decompose, load_images, load_model
+from aliasscope.compare import _predict
 from aliasscope.models import MissingWeightsError
 
 PRETRAINED = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "mobilenetv2_100"]
@@ -83,22 +85,42 @@ def attribute(
 ) -> dict[str, Decomposition]:
     """Exact layer attribution of the predicted class's probability, per transform, over all images
     (in batches of ``batch_size``)."""
-    out = {}
-    for t in transforms:
-        parts = [
-            decompose(
-                model,
-                images[i : i + batch_size],
-                t,
-                target="pred",
-                output="softmax",
-                generator=generator,
-                keep_maps=keep_maps,
-            )
-            for i in range(0, images.shape[0], batch_size)
-        ]
-        out[t] = Decomposition.concat(parts)
-    return out
+    return {
+        t: decompose(
+            model,
+            images,
+            t,
+            target="pred",
+            output="softmax",
+            generator=generator,
+            keep_maps=keep_maps,
+            batch_size=batch_size,
+        )
+        for t in transforms
+    }
+
+
+def analysis_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """A script's parser with the options every analysis has: ``--out``, ``--images``, ``--device``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--images", default=IMAGES)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def begin(args: argparse.Namespace) -> tuple[Clock, Path]:
+    """Print the thread count and device, make ``--out``; returns a started clock and the folder."""
+    print(f"torch threads {torch.get_num_threads()}, device {args.device}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return Clock(), out
+
+
+def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy, ``batch_size`` images per forward pass."""
+    with torch.no_grad():
+        return (_predict(model, images, batch_size) == labels).double().mean().item()
 
 
 class Clock:

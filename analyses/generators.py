@@ -15,13 +15,12 @@ Writes generators.csv (per model, generator, op), generators.json and a figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import IMAGES, Clock, attribute, model_and_images
+from common import analysis_parser, attribute, begin, model_and_images
 from scipy import stats
 
 from aliasscope.plots import KIND_COLOURS, save_figure
@@ -55,18 +54,17 @@ def column_profile(dec, name: str) -> np.ndarray | None:
     return m.abs().sum((0, 1)).double().cpu().numpy()
 
 
+def _weighted(ops: list[dict], key: str) -> float:
+    """Sum over the ops with a map of share x ``key`` (a border/flip fraction, or its uniform level)."""
+    return float(sum(r["share"] * r[key] for r in ops if r["border"] == r["border"]))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="figures/generators")
-    parser.add_argument("--images", default=IMAGES)
+    parser = analysis_parser(__doc__, "figures/generators")
     parser.add_argument("--num-images", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--border", type=int, default=2, help="columns on each side counted as border (2)")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, device {args.device}")
-    clock = Clock()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    clock, out = begin(args)
     rows, summary = [], {}
     for name in MODELS:
         loaded = model_and_images(name, args.images, args.num_images, device=args.device)
@@ -119,6 +117,8 @@ def main() -> None:
                 f"border {100 * r['border']:.0f}%, flip {100 * r['flip']:.0f}%"
             )
             del dec
+        mine = {g: [r for r in rows if r["model"] == name and r["generator"] == g] for g in per_gen}
+
         summary[name] = {
             g: {
                 "mean_abs_total": v["total"],
@@ -126,39 +126,12 @@ def main() -> None:
                 "by_kind": {k: r["share"] for k, r in v["by_kind"].items()},
                 "top": [
                     {k: r[k] for k in ("name", "kind", "share", "border", "flip")}
-                    for r in sorted(
-                        (r for r in rows if r["model"] == name and r["generator"] == g),
-                        key=lambda r: -r["share"],
-                    )[:5]
+                    for r in sorted(mine[g], key=lambda r: -r["share"])[:5]
                 ],
-                "share_weighted_border": float(
-                    sum(
-                        r["share"] * r["border"]
-                        for r in rows
-                        if r["model"] == name and r["generator"] == g and r["border"] == r["border"]
-                    )
-                ),
-                "share_weighted_border_uniform": float(
-                    sum(
-                        r["share"] * r["border_uniform"]
-                        for r in rows
-                        if r["model"] == name and r["generator"] == g and r["border"] == r["border"]
-                    )
-                ),
-                "share_weighted_flip": float(
-                    sum(
-                        r["share"] * r["flip"]
-                        for r in rows
-                        if r["model"] == name and r["generator"] == g and r["flip"] == r["flip"]
-                    )
-                ),
-                "share_weighted_flip_uniform": float(
-                    sum(
-                        r["share"] * r["flip_uniform"]
-                        for r in rows
-                        if r["model"] == name and r["generator"] == g and r["flip"] == r["flip"]
-                    )
-                ),
+                **{
+                    f"share_weighted_{key}": _weighted(mine[g], key)
+                    for key in ("border", "border_uniform", "flip", "flip_uniform")
+                },
             }
             for g, v in per_gen.items()
         }

@@ -13,7 +13,6 @@ Writes layer_types.csv (model, transform, kind, share), correlations.csv and lay
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import IMAGES, PRETRAINED, RANDOM_INIT, Clock, attribute, model_and_images
+from common import PRETRAINED, RANDOM_INIT, analysis_parser, attribute, begin, model_and_images
 from scipy import stats
 
 from aliasscope.plots import KIND_COLOURS, save_figure
@@ -31,11 +30,8 @@ TRANSFORMS = ["translate_x", "rotate", "scale"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="figures/layer_types")
-    parser.add_argument("--images", default=IMAGES)
+    parser = analysis_parser(__doc__, "figures/layer_types")
     parser.add_argument("--num-images", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=None, help="subset of the model list")
     parser.add_argument(
         "--merge",
@@ -43,10 +39,7 @@ def main() -> None:
         help="keep the rows of models not run now from an earlier layer_types.csv/correlations.csv in --out",
     )
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, device {args.device}")
-    clock = Clock()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    clock, out = begin(args)
     plan = [(m, True) for m in PRETRAINED] + [(m, False) for m in RANDOM_INIT]
     if args.models:
         plan = [(m, p) for m, p in plan if m in args.models]

@@ -13,12 +13,10 @@ panel per transform.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-from common import IMAGES, PRETRAINED, Clock, model_and_images
+from common import PRETRAINED, analysis_parser, begin, model_and_images, top1
 from scipy import stats
 
 from aliasscope import equivariance_metrics
@@ -29,28 +27,18 @@ from aliasscope.transforms import transform_names
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="figures/size_vs_equivariance")
-    parser.add_argument("--images", default=IMAGES)
+    parser = analysis_parser(__doc__, "figures/size_vs_equivariance")
     parser.add_argument("--num-images", type=int, default=200)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=25)
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, device {args.device}")
-    clock = Clock()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    clock, out = begin(args)
     rows = []
     for name in PRETRAINED:
         loaded = model_and_images(name, args.images, args.num_images, device=args.device)
         if loaded is None:
             continue
         model, x, labels, pre = loaded
-        with torch.no_grad():
-            pred = torch.cat(
-                [model(x[i : i + args.batch_size]).argmax(1).cpu() for i in range(0, len(x), args.batch_size)]
-            )
-        top1 = (pred == labels).double().mean().item()
+        acc = top1(model, x, labels, args.batch_size)
         files = [str(i) for i in range(len(x))]
         metrics = equivariance_metrics(
             model, ImageBatch(x, labels, files), None, batch_size=args.batch_size, progress=False
@@ -60,13 +48,13 @@ def main() -> None:
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "input": pre.crop,
             "images": len(x),
-            "top1": top1,
+            "top1": acc,
         }
         for t, (mean, lo, hi) in metrics.interval().items():
             row[t], row[f"{t}_low"], row[f"{t}_high"] = mean, lo, hi
         rows.append(row)
         clock(
-            f"{name}: top-1 {100 * top1:.1f}%, translate_x {row['translate_x']:.4f}, "
+            f"{name}: top-1 {100 * acc:.1f}%, translate_x {row['translate_x']:.4f}, "
             f"rotate {row['rotate']:.4f}"
         )
         del model, x

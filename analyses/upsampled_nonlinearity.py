@@ -14,12 +14,11 @@ measured on the grid they run on). Writes upsampled_nonlinearity.csv/json and a 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
-from common import IMAGES, Clock, attribute, model_and_images
+from common import analysis_parser, attribute, begin, model_and_images, top1
 
 from aliasscope import equivariance_metrics, filtered_activation, spectral
 from aliasscope.data import ImageBatch
@@ -31,21 +30,15 @@ TRANSFORMS = ["translate_x", "rotate", "scale"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="figures/upsampled_nonlinearity")
+    parser = analysis_parser(__doc__, "figures/upsampled_nonlinearity")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--images", default=IMAGES)
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--layer-images", type=int, default=16)
     parser.add_argument("--spectral-images", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--factors", type=int, nargs="+", default=FACTORS)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, device {args.device}")
-    clock = Clock()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    clock, out = begin(args)
     model, x, labels, _ = model_and_images(args.model, args.images, args.num_images, device=args.device)
     rows = []
     for s in args.factors:
@@ -57,13 +50,9 @@ def main() -> None:
         alias = sp.by_kind().get("nonlinearity", {}).get("alias_ratio", float("nan"))
         del sp
         _free(args.device)
-        with torch.no_grad():
-            pred = torch.cat(
-                [net(x[i : i + args.batch_size]).argmax(1).cpu() for i in range(0, len(x), args.batch_size)]
-            )
         row = {
             "factor": s,
-            "top1": (pred == labels).double().mean().item(),
+            "top1": top1(net, x, labels, args.batch_size),
             "alias_nonlinearity": alias,
             "alias_measured_at": measure,
         }
