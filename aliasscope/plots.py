@@ -13,6 +13,7 @@ and, given ``path``, writes ``path.png`` and ``path.svg``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,11 +86,12 @@ def stage_of(name: str) -> str:
     return f"{parts[0]}.{parts[1]}"
 
 
-def _kind_legend(ax, kinds: list[str], **kwargs) -> None:
+def _kind_legend(ax, kinds: list[str], extra: Sequence = (), **kwargs) -> None:
+    """A legend of op-kind colour patches (then any ``extra`` handles)."""
     from matplotlib.patches import Patch
 
     ax.legend(
-        handles=[Patch(color=KIND_COLOURS.get(k, "#333333"), label=k) for k in kinds],
+        handles=[Patch(color=KIND_COLOURS.get(k, "#333333"), label=k) for k in kinds] + list(extra),
         fontsize=8,
         **kwargs,
     )
@@ -168,10 +170,9 @@ def plot_layer_attribution(
     line = twin.plot(x, 100 * np.cumsum(shares[keep]), color="black", lw=1.4, label="cumulative share")
     twin.set_ylim(0, 102)
     twin.set_ylabel("cumulative share (%)")
-    from matplotlib.patches import Patch
-
-    handles = [Patch(color=KIND_COLOURS.get(k, "#333333"), label=k) for k in dict.fromkeys(kinds)]
-    twin.legend(handles=handles + line, loc="center right", bbox_to_anchor=(0.985, 0.75), fontsize=8, ncol=2)
+    _kind_legend(
+        twin, list(dict.fromkeys(kinds)), extra=line, loc="center right", bbox_to_anchor=(0.985, 0.75), ncol=2
+    )
     ax.set_title(
         f"(a) Where the Lie derivative of target '{first.target}' under {first_name.replace('_', ' ')} comes "
         f"from ({first.values.shape[1]} images; completeness error {first.completeness_error:.1e})",
