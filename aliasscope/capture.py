@@ -707,6 +707,8 @@ def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_lay
             and (not out_layouts[0].is_image_like)
         ):
             return "pooling"
+        if _strided_index(args[1] if len(args) > 1 else None, in_lay):
+            return "downsampling"
         return "layout"
     if name in ("add", "sub"):
         if sum(deps) > 1:
@@ -726,6 +728,22 @@ def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_lay
     if name in _LAYOUT_OPS:
         return "layout"
     return "other"
+
+
+def _strided_index(index: Any, layout: Layout | None) -> bool:
+    """Does a ``tensor[index]`` subsample a spatial dim of ``layout`` (a slice with step > 1)?"""
+    if layout is None or layout.roles is None or not layout.is_image_like:
+        return False
+    index = index if isinstance(index, tuple) else (index,)
+    at = next((k for k, ix in enumerate(index) if ix is Ellipsis), None)
+    if at is not None:
+        real = sum(1 for ix in index if ix is not None and ix is not Ellipsis)
+        index = index[:at] + (slice(None),) * (len(layout.roles) - real) + index[at + 1 :]
+    dims = [ix for ix in index if ix is not None]
+    return any(
+        isinstance(ix, slice) and (ix.step or 1) > 1 and r in ("h", "w")
+        for ix, r in zip(dims, layout.roles, strict=False)
+    )
 
 
 def _spatial_extent(const: torch.Tensor, layout: Layout, out: torch.Tensor) -> bool:

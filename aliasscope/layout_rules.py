@@ -306,6 +306,8 @@ def _getitem(layout: Layout, shape: Sequence[int], index: Any) -> Layout | None:
         full = (start, stop, step) == (0, size, 1)
         if full or r in ("b", "c"):
             out.append(r)
+        elif r in ("h", "w") and step >= 1 and stop > start:
+            out.append(r)  # a crop or a strided subsampling of the pixel grid: still a grid
         elif r == "n" and step == 1 and stop == size and start == prefix:
             out.append("n")
             prefix = 0

@@ -332,3 +332,39 @@ def test_in_place_activations_do_not_corrupt_later_measures() -> None:
     for s in (2, 8):
         alone = spectral(model, x, upsample=s)
         assert with_conv.convergence[s][0][1].item() == pytest.approx(alone.alias_ratio[1].item(), rel=1e-9)
+
+
+def test_functional_strided_ops_are_downsampling_with_a_stride_alias_and_decompose_exactly() -> None:
+    """F.avg_pool2d / F.max_pool2d / x[..., ::2, ::2] / a strided F.conv2d inside a forward: recorded as
+    downsampling, measured at stride 1, and the decomposition still adds up (a crop stays a grid)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import aliasscope as asc
+    from aliasscope.spectral import spectral
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.weight = nn.Parameter(torch.randn(4, 4, 3, 3) / 6)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.avg_pool2d(F.relu(self.conv(x)), 2)
+            h = F.max_pool2d(h, 2)[:, :, ::2, ::2]
+            h = F.conv2d(h[..., 1:-1, 1:-1], self.weight, stride=2, padding=1)
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Functional().double().eval()
+    x = random_images(2, 3, 64, 64)
+    rows = spectral(model, x, upsample=2).table
+    got = {r["name"]: (r["kind"], r["stride"]) for r in rows}
+    assert got["avg_pool2d"] == got["max_pool2d"] == got["getitem"] == got["conv2d"] == ("downsampling", 2)
+    assert got["getitem#1"] == ("layout", None)  # a crop keeps the grid's spacing
+    assert all(0 < r["stride_alias"] < 1 for r in rows if r["stride"] == 2)
+    for transform in ("translate_x", "rotate"):
+        dec = asc.decompose(model, x, transform, target=0)
+        assert dec.completeness_error < 1e-9
+        assert dec.values[dec.names.index("getitem")].abs().max() > 1e-6  # subsampling breaks it
