@@ -157,34 +157,34 @@ def map_spatial(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], to
     roles = layout.roles
     if roles == ("b", "c", "h", "w"):
         return fn(x)
-    out = torch.zeros_like(x)
+    parts: list[torch.Tensor] = []
     if "h" in roles:
         dh, dw = roles.index("h"), roles.index("w")
-        rest = [d for d in range(x.dim()) if d not in (dh, dw)]
-        perm = [*rest, dh, dw]
-        moved = x.permute(perm)
-        lead = moved.shape[:-2]
-        img = moved.reshape(-1, 1, *moved.shape[-2:])
-        out = out + fn(img).reshape(*lead, *moved.shape[-2:]).permute(_inverse(perm))
+        moved = x.movedim((dh, dw), (-2, -1))  # a view: (B, C, H, W) for BHWC, no copy
+        parts.append(_on_grid(moved, fn).movedim((-2, -1), (dh, dw)))
     gh, gw = layout.grid or (0, 0)
     p = layout.num_prefix
     for d, r in enumerate(roles):
         if r != "n":
             continue
-        moved = x.movedim(d, -1)
-        lead = moved.shape[:-1]
-        grid = moved[..., p:].reshape(-1, 1, gh, gw)
-        dgrid = fn(grid).reshape(*lead, gh * gw)
-        full = torch.cat([dgrid.new_zeros(*lead, p), dgrid], dim=-1) if p else dgrid
-        out = out + full.movedim(-1, d)
+        grid = x.narrow(d, p, gh * gw).unflatten(d, (gh, gw)).movedim((d, d + 1), (-2, -1))
+        dgrid = _on_grid(grid, fn).movedim((-2, -1), (d, d + 1)).flatten(d, d + 1)
+        if p:  # prefix tokens (class, distillation, register) get 0
+            zeros = dgrid.new_zeros((*dgrid.shape[:d], p, *dgrid.shape[d + 1 :]))
+            dgrid = torch.cat([zeros, dgrid], dim=d)
+        parts.append(dgrid)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
     return out
 
 
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
+def _on_grid(grid: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` on a (..., H, W) view: as is when 4-D (strides kept, no copy), else as (M, 1, H, W)."""
+    if grid.dim() == 4:
+        return fn(grid)
+    lead = grid.shape[:-2]
+    return fn(grid.reshape(-1, 1, *grid.shape[-2:])).reshape(*lead, *grid.shape[-2:])
 
 
 def infer_layout(x: torch.Tensor, model: nn.Module | None = None) -> Layout:

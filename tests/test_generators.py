@@ -183,3 +183,28 @@ def test_unknown_generator_lists_valid_names() -> None:
         get_generator("sobel")
     with pytest.raises(ValueError, match="central, paper, fourier"):
         apply_generator(random_images(), "rotate", "sobel")
+
+
+@pytest.mark.parametrize("generator", ["central", "fourier", "paper"])
+def test_generator_on_every_layout_equals_the_generator_on_the_image_grid(generator: str) -> None:
+    """BHWC, tokens with prefix tokens and a (B, heads, N, N) attention map: D acts on each spatial
+    group as on the (B, C, H, W) image it came from; prefix tokens get 0."""
+    from aliasscope.layouts import Layout
+
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 4, 5)
+    d_img = apply_generator(img, "rotate", generator)
+    bhwc = apply_generator(img.permute(0, 2, 3, 1), "rotate", generator, Layout(("b", "h", "w", "c")))
+    torch.testing.assert_close(bhwc, d_img.permute(0, 2, 3, 1), rtol=0, atol=1e-6)
+    tokens = torch.cat([torch.randn(2, 2, 3), img.flatten(2).transpose(1, 2)], dim=1)
+    d_tok = apply_generator(tokens, "rotate", generator, Layout.tokens((4, 5), 2))
+    assert d_tok[:, :2].abs().max() == 0
+    torch.testing.assert_close(d_tok[:, 2:], d_img.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
+    attn = torch.randn(2, 3, 21, 21)
+    d_attn = apply_generator(attn, "rotate", generator, Layout(("b", "c", "n", "n"), (4, 5), 1))
+    rows = apply_generator(attn[:, :, 1:, :].transpose(2, 3).reshape(2, 3 * 21, 4, 5), "rotate", generator)
+    cols = apply_generator(attn[:, :, :, 1:].reshape(2, 3 * 21, 4, 5), "rotate", generator)
+    want = torch.zeros_like(attn)
+    want[:, :, 1:, :] += rows.reshape(2, 3, 21, 20).transpose(2, 3)
+    want[:, :, :, 1:] += cols.reshape(2, 3, 21, 20)
+    torch.testing.assert_close(d_attn, want, rtol=0, atol=1e-5)
