@@ -226,15 +226,48 @@ class OpRecord:
         Pure data movement (reshape, permute, concatenation, splitting, dropout in eval, identity)
         only relabels which dimension is which; the layout rules give the result the roles that make
         ``D`` commute with it. Indexing is excluded (reading out one grid token does not commute).
-        ``completeness_error`` still checks the claim: the total is computed independently.
+        An op between invariant tensors has ``D = 0`` on both sides. A map applied at every position
+        alike -- a Linear over the channels of a token or channels-last grid, a 1x1 convolution
+        with stride 1 and no padding -- commutes with ``D`` (``D`` acts per channel, and ``D`` of its
+        bias, a constant over the grid, is 0). ``completeness_error`` still checks the claim: the total
+        is computed independently.
         """
         if self.op in _MOVES:
+            return True
+        if self.in_layouts and not any(lay.is_image_like for lay in (*self.in_layouts, *self.out_layouts)):
+            return True
+        if _per_position_linear(self):
             return True
         return (
             self.kind in _ZERO_KINDS
             and all(lay == self.layout or not lay.is_image_like for lay in self.in_layouts)
             and self.op != "getitem"
         )
+
+
+def _plain_module(module: nn.Module | None, cls: type) -> bool:
+    return module is not None and isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _per_position_linear(op: OpRecord) -> bool:
+    """A Linear on the channel (last) dim of an image-like tensor, or a 1x1, stride-1, unpadded Conv2d,
+    with its output in the input's layout: the same affine map at every grid position."""
+    if len(op.inputs) != 1 or len(op.outputs) != 1 or op.in_layouts[0] != op.layout:
+        return False
+    lay = op.layout
+    if lay is None or lay.roles is None or not lay.is_image_like:
+        return False
+    if _plain_module(op.unit, nn.Linear):
+        return lay.roles[-1] == "c"
+    if _plain_module(op.unit, nn.Conv2d):
+        m = op.unit
+        return (
+            lay.roles == ("b", "c", "h", "w")
+            and tuple(m.kernel_size) == (1, 1)
+            and tuple(m.stride) == (1, 1)
+            and m.padding in ((0, 0), "valid")
+        )
+    return False
 
 
 def select_ops(

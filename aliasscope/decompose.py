@@ -302,8 +302,12 @@ def local_lie_derivative(
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Per-image inner product of two tensors of one layout (no elementwise temporary)."""
+    """Per-image inner product of two tensors of one layout (on CPU without an elementwise
+    temporary; on a GPU as a product and a reduction, which is memory-bound and far faster there than
+    a (1, N) x (N, 1) batched matmul)."""
     p = _batch_dim(layout)
+    if a.is_cuda:
+        return (a * b.to(a.dtype)).sum(dim=[d for d in range(a.dim()) if d != p])
     a2 = a.movedim(p, 0).reshape(a.shape[p], 1, -1)
     b2 = b.movedim(p, 0).reshape(b.shape[p], -1, 1)
     return torch.bmm(a2, b2.to(a2.dtype)).reshape(-1)
@@ -320,7 +324,11 @@ def _is_zero_by_construction(op: OpRecord) -> bool:
     return op.exactly_equivariant or (op.pointwise_affine and all(lay == op.layout for lay in op.in_layouts))
 
 
-def _target_values(f: torch.Tensor, target: Target) -> tuple[torch.Tensor, str]:
+def _target_values(f: torch.Tensor, target: Target, check: bool = True) -> tuple[torch.Tensor, str]:
+    """The scalar per image that is attributed, and a description. ``check=False`` (a class-index
+    tensor already validated on this output) runs no host-device synchronisation (CUDA graphs)."""
+    if not check and isinstance(target, torch.Tensor):
+        return f.gather(1, target[:, None])[:, 0], "per-image classes"
     if callable(target) and not isinstance(target, torch.Tensor):
         t = target(f)
         if t.shape != (f.shape[0],):
@@ -423,6 +431,222 @@ def _record(model, x, head, layouts, units, alias_inputs=False):
     return rec, f
 
 
+@dataclass
+class _ScalarPass:
+    """One exact scalar decomposition of one batch, before it is read back from the device.
+
+    ``dots`` (terms, B) holds every inner product ``<dT/dh, D h>`` of the pass in one tensor (one
+    device-to-host copy, and a fixed output for CUDA graph replay); term ``k`` adds ``signs[k]`` times
+    its row to op ``rows[k]`` (-1: the end-to-end total).
+    """
+
+    rec: Any
+    dots: torch.Tensor
+    rows: list[int]
+    signs: list[float]
+    maps: dict[str, torch.Tensor]
+    target: str
+
+    def read(self, dots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values (ops, B), total (B,))`` in float64 on the CPU, summed in float64."""
+        d = (self.dots if dots is None else dots).double().cpu()
+        rows = torch.tensor(self.rows, dtype=torch.long)
+        signed = d * torch.tensor(self.signs, dtype=torch.float64)[:, None]
+        values = torch.zeros(len(self.rec.ops), d.shape[1], dtype=torch.float64)
+        op_terms = rows >= 0
+        values.index_add_(0, rows[op_terms], signed[op_terms])
+        return values, signed[~op_terms].sum(0)
+
+
+def _scalar_pass(
+    model: nn.Module,
+    images: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    target: Target,
+    transform: str,
+    generator: str,
+    layouts: dict[str, Layout] | None,
+    units: Sequence[str] | str,
+    keep_maps: bool,
+    progress: bool = False,
+    check_target: bool = True,
+) -> _ScalarPass:
+    """Exact scalar contributions of every op from one recorded forward and ONE backward.
+
+    c_i = <dT/dh_out, J D h_in - D h_out> = sum_in <J^T dT/dh_out, D h_in> - <dT/dh_out, D h_out>: every
+    op sees private aliases of its inputs, so one backward gives ``J^T dT/dh_out`` per input. The
+    total ``<dT/dx, D x>`` (minus ``<dT/df, D f>`` for an image-like output) comes from the same
+    backward, independently of the ops. No host-device synchronisation once ``check_target`` is off.
+    """
+    x = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        rec, f = _record(model, x, head, layouts, units, alias_inputs=True)
+        tvals, tdesc = _target_values(f, target, check=check_target)
+    f_layout = rec.layout_of(f) or infer_layout(f, model)
+    ops = rec.ops
+    active = [i for i, op in enumerate(ops) if not _is_zero_by_construction(op)]
+    wanted = [x, f, *(t for i in active for t in (*ops[i].inputs, *ops[i].outputs))]
+    need = list({id(t): t for t in wanted if t.requires_grad}.values())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
+    by_id = {id(t): gr for t, gr in zip(need, grads, strict=True) if gr is not None}
+    dots: list[torch.Tensor] = []
+    rows: list[int] = []
+    signs: list[float] = []
+    maps: dict[str, torch.Tensor] = {}
+
+    def term(row: int, sign: float, h: torch.Tensor, lay: Layout, cache: _DCache) -> None:
+        gr = by_id.get(id(h))
+        if gr is not None:  # no gradient reaches h: the term is 0
+            dots.append(_bdot(gr, cache.get(h, lay), lay))
+            rows.append(row)
+            signs.append(sign)
+
+    with torch.no_grad():
+        cache = _DCache(transform, generator, ops, original=rec.original)
+        term(-1, 1.0, x, rec.input_layout, cache)
+        if f_layout.is_image_like:
+            term(-1, -1.0, f, f_layout, cache)
+        for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
+            if not _is_zero_by_construction(op):
+                for h, lay in zip(op.inputs, op.in_layouts, strict=True):
+                    term(i, 1.0, h, lay, cache)
+                for h, lay in zip(op.outputs, op.out_layouts, strict=True):
+                    term(i, -1.0, h, lay, cache)
+                if keep_maps and op.outputs:
+                    (j, d), *_ = local_terms(op, transform, generator, cache)
+                    gr = by_id.get(id(op.outputs[0]))
+                    maps[op.name] = torch.zeros_like(j) if gr is None else gr * (j - d)
+            cache.release(i, op)
+        del cache
+        b = x.shape[0]
+        stacked = torch.stack(dots) if dots else x.new_zeros((0, b))
+    return _ScalarPass(rec, stacked, rows, signs, maps, tdesc)
+
+
+def _use_cuda_graph(
+    cuda_graph: bool | None, images: torch.Tensor, target: Target | None, method: str, batch_size: int
+) -> bool:
+    """Whether the batched scalar decomposition runs as a replayed CUDA graph (see ``decompose``)."""
+    if cuda_graph is False:
+        return False
+    reasons = [
+        why
+        for bad, why in (
+            (not images.is_cuda, "the images are not on a CUDA device"),
+            (target is None or method != "exact", "only the exact scalar decomposition is graphed"),
+            (images.shape[0] < 2 * batch_size, "fewer than two full batches of batch_size images"),
+        )
+        if bad
+    ]
+    if reasons and cuda_graph:
+        raise ValueError(f"cuda_graph=True cannot apply: {'; '.join(reasons)}")
+    return not reasons
+
+
+def _class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
+    """A class target as (n,) indices on the CPU, checked against ``classes``; None for "pred" or a
+    callable (they need no per-batch input)."""
+    if isinstance(target, str) or (callable(target) and not isinstance(target, torch.Tensor)):
+        return None
+    idx = torch.as_tensor(target).long().cpu()
+    idx = idx.expand(n) if idx.dim() == 0 else idx
+    if idx.shape != (n,) or (idx < 0).any() or (idx >= classes).any():
+        raise ValueError(f"target must be a class index in [0, {classes}) or one per image, got {target!r}")
+    return idx
+
+
+def _describe(idx: torch.Tensor) -> str:
+    return str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
+
+
+def _decompose_graphed(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str,
+    *,
+    target: Target,
+    per_image: bool,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    output: Output,
+    generator: str,
+    select: str | Sequence[str] | Callable[[OpRecord], bool] | None,
+    layouts: dict[str, Layout] | None,
+    units: Sequence[str] | str,
+    keep_maps: bool,
+    batch_size: int,
+    progress: bool,
+) -> list[Decomposition]:
+    """Exact scalar decompositions of every full batch by one captured CUDA graph (see
+    ``decompose(cuda_graph=)``); an empty list when capture fails or its replay disagrees with the
+    eager pass (the caller then decomposes eagerly)."""
+    import warnings
+
+    bs = batch_size
+    n_full = images.shape[0] // bs
+    settings = {"transform": transform, "generator": generator, "output": output, "method": "exact"}
+
+    def finish(sp: _ScalarPass, values: torch.Tensor, total: torch.Tensor, desc: str, maps) -> Decomposition:
+        return _result(
+            sp.rec, select, values, total, values.sum(0), vectors=None, estimator=False,
+            keep_vectors=False, target=desc, maps=maps, extra={"cuda_graph": True}, **settings,
+        )  # fmt: skip
+
+    with borrowed(model):
+        static_x = images[:bs].clone()
+        side = torch.cuda.Stream(device=images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):  # warm-up (eager, every check) on a side stream, as capture needs
+            first = target[:bs] if per_image else target
+            eager = _scalar_pass(
+                model, static_x, head, first, transform, generator, layouts, units, keep_maps
+            )
+            eager_values, eager_total = eager.read()
+            classes = eager.rec.output.shape[-1] if isinstance(eager.rec.output, torch.Tensor) else 0
+            idx = _class_indices(target, images.shape[0], classes)
+            eager_maps = {k: v.clone() for k, v in eager.maps.items()}
+            first_desc = eager.target
+            del eager
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        static_t = idx[:bs].to(images.device) if idx is not None else target
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static = _scalar_pass(
+                    model, static_x, head, static_t, transform, generator, layouts, units, keep_maps,
+                    check_target=idx is None,
+                )  # fmt: skip
+            graph.replay()
+        except RuntimeError as err:
+            warnings.warn(f"CUDA graph capture failed, decomposing eagerly: {err}", stacklevel=3)
+            return []
+        values, total = static.read()
+        scale = max(eager_values.abs().max().item(), eager_total.abs().max().item(), 1e-30)
+        if not (
+            torch.allclose(values, eager_values, rtol=1e-4, atol=1e-6 * scale)
+            and torch.allclose(total, eager_total, rtol=1e-4, atol=1e-6 * scale)
+        ):
+            warnings.warn(
+                "the CUDA graph replay differs from the eager decomposition (does the model's graph "
+                "depend on the data?); decomposing eagerly",
+                stacklevel=3,
+            )
+            return []
+        parts = [finish(static, eager_values, eager_total, first_desc, eager_maps if keep_maps else None)]
+        for k in tqdm(range(1, n_full), desc="batches (CUDA graph)", disable=not progress):
+            sl = slice(k * bs, (k + 1) * bs)
+            static_x.copy_(images[sl])
+            if idx is not None:
+                static_t.copy_(idx[sl].to(images.device))
+            graph.replay()
+            values, total = static.read()
+            maps = {name: m.clone() for name, m in static.maps.items()} if keep_maps else None
+            desc = _describe(idx[sl]) if idx is not None else first_desc
+            parts.append(finish(static, values, total, desc, maps))
+        del graph, static
+    return parts
+
+
 def decompose(
     model: nn.Module,
     images: torch.Tensor,
@@ -441,6 +665,7 @@ def decompose(
     seed: int = 0,
     progress: bool = False,
     batch_size: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> Decomposition:
     """Attribute the Lie derivative of ``output(model(x))`` to every op of the model.
 
@@ -480,6 +705,14 @@ def decompose(
         Decompose at most this many images at a time (every activation of a batch is kept alive) and
         join the parts (:meth:`Decomposition.concat`); ``None``: all at once. Per-image targets are
         split with the images.
+    cuda_graph:
+        Scalar target on a CUDA device, with ``batch_size``: record the first batch's whole
+        decomposition (forward, backward, generators, inner products) as a CUDA graph and replay it
+        for every further full batch, which removes the per-op Python and kernel-launch overhead
+        (the dominant cost on a GPU at moderate batch sizes). The replay of the first batch is
+        checked against its eager decomposition; if capture fails or they differ (a model whose
+        graph depends on the data), it warns and decomposes eagerly. ``None`` (default): on when it
+        applies (at least two full batches); ``False``: never. Holds one extra batch's activations.
     """
     get_transform(transform)
     get_generator(generator)
@@ -493,8 +726,28 @@ def decompose(
     if batch_size is not None and images.shape[0] > batch_size:
         one_d = isinstance(target, list | tuple) or (isinstance(target, torch.Tensor) and target.dim() == 1)
         per_image = one_d and len(target) == images.shape[0]
+        graphed: list[Decomposition] = []
+        if _use_cuda_graph(cuda_graph, images, target, method, batch_size):
+            graphed = _decompose_graphed(
+                model,
+                images,
+                transform,
+                target=target,
+                per_image=per_image,
+                head=_output_fn(output),
+                output=output,
+                generator=generator,
+                select=select,
+                layouts=layouts,
+                units=units,
+                keep_maps=keep_maps,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        done = len(graphed) * batch_size
         return Decomposition.concat(
-            [
+            graphed
+            + [
                 decompose(
                     model,
                     images[i : i + batch_size],
@@ -511,24 +764,31 @@ def decompose(
                     group_size=group_size,
                     seed=seed,
                     progress=progress,
+                    cuda_graph=False,
                 )
-                for i in range(0, images.shape[0], batch_size)
+                for i in range(done, images.shape[0], batch_size)
             ]
         )
     head = _output_fn(output)
     vector = target is None
     with borrowed(model):
-        x = images.detach().clone().requires_grad_(not vector or method == "probe")
-        grad_ctx = torch.enable_grad() if x.requires_grad else torch.no_grad()
-        with grad_ctx:
-            rec, f = _record(model, x, head, layouts, units, alias_inputs=not vector)
+        maps: dict[str, torch.Tensor] = {}
+        extra: dict[str, Any] = {}
+        if not vector:
+            scalar = _scalar_pass(
+                model, images, head, target, transform, generator, layouts, units, keep_maps, progress
+            )
+            rec, maps, tdesc = scalar.rec, scalar.maps, scalar.target
+            values, total = scalar.read()
+            summed = values.sum(0)
+            del scalar
+        else:
+            x = images.detach().clone().requires_grad_(method == "probe")
+            with torch.enable_grad() if x.requires_grad else torch.no_grad():
+                rec, f = _record(model, x, head, layouts, units)
             tdesc = "whole output"
-            if not vector:
-                tvals, tdesc = _target_values(f, target)
-        f_layout = rec.layout_of(f) or infer_layout(f, model)
-        ops = rec.ops
-        vs: dict[int, list[torch.Tensor]] = {}
-        if vector:
+            ops = rec.ops
+            vs: dict[int, list[torch.Tensor]] = {}
             with torch.no_grad():
                 cache = _DCache(transform, generator, ops)
                 for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
@@ -536,47 +796,9 @@ def decompose(
                         vs[i] = local_lie_derivative(op, transform, generator, cache)
                     cache.release(i, op)
                 del cache
-        b = x.shape[0]
-        dev = x.device
-        values = torch.zeros(len(ops), b, dtype=torch.float64, device=dev)
-        maps: dict[str, torch.Tensor] = {}
-        extra: dict[str, Any] = {}
-        if not vector:
-            # c_i = <dT/dh_out, J D h_in - D h_out> = sum_in <J^T dT/dh_out, D h_in> - <dT/dh_out, D h_out>:
-            # every op sees private aliases of its inputs, so ONE backward gives J^T dT/dh_out per input
-            active = [op for op in ops if not _is_zero_by_construction(op)]
-            wanted = [x, f, *(t for op in active for t in (*op.inputs, *op.outputs))]
-            need = list({id(t): t for t in wanted if t.requires_grad}.values())
-            with torch.enable_grad():
-                grads = torch.autograd.grad(tvals.sum(), need, allow_unused=True)
-            by_id = {id(t): gr for t, gr in zip(need, grads, strict=True)}
-
-            def grad_of(t: torch.Tensor) -> torch.Tensor:
-                gr = by_id.get(id(t))
-                return torch.zeros_like(t) if gr is None else gr
-
-            with torch.no_grad():
-                dx = apply_generator(x.detach(), transform, generator, rec.input_layout)
-                total = _bdot(grad_of(x), dx, rec.input_layout)
-                if f_layout.is_image_like:
-                    df = apply_generator(f.detach(), transform, generator, f_layout)
-                    total = total - _bdot(grad_of(f), df, f_layout)
-                cache = _DCache(transform, generator, ops, original=rec.original)
-                for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
-                    if not _is_zero_by_construction(op):
-                        for h, lay in zip(op.inputs, op.in_layouts, strict=True):
-                            values[i] += _bdot(grad_of(h), cache.get(h, lay), lay).double()
-                        for h, lay in zip(op.outputs, op.out_layouts, strict=True):
-                            values[i] -= _bdot(grad_of(h), cache.get(h, lay), lay).double()
-                        if keep_maps and op.outputs:
-                            (j, d), *_ = local_terms(op, transform, generator, cache)
-                            maps[op.name] = grad_of(op.outputs[0]) * (j - d)
-                    cache.release(i, op)
-                del cache
-            total = total.double().cpu()
-            values = values.cpu()
-            summed = values.sum(0)
-        elif method == "exact":
+            b = x.shape[0]
+            dev = x.device
+        if vector and method == "exact":
             total = (
                 lie_derivative(model, images, transform, output=output, generator=generator).double().cpu()
             )
@@ -593,9 +815,7 @@ def decompose(
             vectors = vectors.cpu()
             values = vectors.flatten(2).norm(dim=2)
             summed = vectors.sum(0)
-            if keep_maps:
-                extra["vectors"] = vectors
-        else:
+        elif vector:
             total = (
                 lie_derivative(model, images, transform, output=output, generator=generator).double().cpu()
             )
@@ -620,22 +840,63 @@ def decompose(
             values = (sq / num_probes).sqrt().cpu()
             summed = None
             extra["num_probes"] = num_probes
+    return _result(
+        rec,
+        select,
+        values,
+        total,
+        summed,
+        vectors=vectors if vector and method == "exact" else None,
+        estimator=vector and method == "probe",
+        keep_vectors=keep_maps,
+        transform=transform,
+        generator=generator,
+        output=output,
+        target=tdesc,
+        method=method,
+        maps=maps if keep_maps else None,
+        extra=extra,
+    )
+
+
+def _result(
+    rec: Any,
+    select: str | Sequence[str] | Callable[[OpRecord], bool] | None,
+    values: torch.Tensor,
+    total: torch.Tensor,
+    summed: torch.Tensor | None,
+    *,
+    vectors: torch.Tensor | None,
+    estimator: bool,
+    keep_vectors: bool,
+    transform: str,
+    generator: str,
+    output: Output,
+    target: str,
+    method: str,
+    maps: dict[str, torch.Tensor] | None,
+    extra: dict[str, Any],
+) -> Decomposition:
+    """The :class:`Decomposition` of one batch: the selected ops' rows, completeness and remainder."""
+    ops = rec.ops
     if summed is not None:
         err = ((total - summed).norm() / total.norm().clamp_min(1e-300)).item()
     else:
         err = float("nan")  # an estimator of norms cannot be summed back to the total
     keep = rec.select(select)
     kept = values[keep]
-    if vector and method == "exact":
-        unattributed = total - extra.get("vectors", vectors)[keep].sum(0)
-    elif vector:
+    extra = dict(extra)
+    if vectors is not None:
+        unattributed = total - vectors[keep].sum(0)
+        if keep_vectors:
+            extra["vectors"] = vectors[keep]
+    elif estimator:
         unattributed = torch.full_like(total, float("nan"))
     else:
         unattributed = total - kept.sum(0)
-    if vector and method == "exact" and keep_maps:
-        extra["vectors"] = extra["vectors"][keep]
+    names = [ops[i].name for i in keep]
     return Decomposition(
-        names=[ops[i].name for i in keep],
+        names=names,
         kinds=[ops[i].kind for i in keep],
         layouts=[str(ops[i].layout) for i in keep],
         layout_objects=[ops[i].layout for i in keep],
@@ -647,9 +908,7 @@ def decompose(
         transform=transform,
         generator=generator,
         output=output if isinstance(output, str) else "custom",
-        target=tdesc,
-        maps={k: v for k, v in maps.items() if k in {ops[i].name for i in keep}}
-        if keep_maps and maps
-        else None,
+        target=target,
+        maps={k: v for k, v in maps.items() if k in set(names)} if maps else None,
         extra={"method": method, "kinds_doc": {k: KINDS[k] for k in sorted(set(rec.kinds))}, **extra},
     )

@@ -9,6 +9,11 @@ the same estimator as the paper's code runs it, recomputing every local Lie deri
 probe inside a fresh forward pass and running a full backward (weights included), as the loop of
 its layer-wise code does. The paper-style estimator is timed over ``--paper-probes`` probes and
 scaled to 100 (its cost is linear in the probe count); say so when quoting it.
+
+Ratios are printed against the plain forward (TF32 as the device defaults) and against the forward in
+full float32, which is what the decomposition runs. On a GPU it also times the scalar decomposition
+of ``--graph-batches`` batches through ``decompose(batch_size=)``, which records the first batch as
+a CUDA graph and replays it: per batch amortised over all, and one more batch (the replay alone).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from timing import best_time, model_and_images, model_arguments
 
+from aliasscope.borrow import borrowed
 from aliasscope.capture import record
 from aliasscope.decompose import _is_zero_by_construction, decompose, local_lie_derivative
 
@@ -60,6 +66,12 @@ def main() -> None:
         "--only-scalar", action="store_true", help="time the forward and the scalar exact only"
     )
     parser.add_argument("--group", type=int, default=None, help="ops pushed forward together (vector exact)")
+    parser.add_argument(
+        "--graph-batches",
+        type=int,
+        default=12,
+        help="GPU: batches decomposed by one replayed CUDA graph (decompose(batch_size=)); 0 skips it",
+    )
     args = parser.parse_args()
     dev = args.device
     model, x = model_and_images(args, f", transform {args.transform}")
@@ -69,8 +81,20 @@ def main() -> None:
             model(x)
 
     t_fwd = best_time(fwd, dev, repeats=3, warmup=True)
+    with borrowed(model):  # what the decomposition runs: full float32 (TF32 off)
+        t_fp32 = best_time(fwd, dev, repeats=3, warmup=True)
     kw = {"output": "softmax"}
     t = args.transform
+    if dev.startswith("cuda") and args.graph_batches >= 3:
+        many = torch.randn(args.graph_batches * args.batch, *x.shape[1:], device=dev)
+
+        def graphed(n: int) -> None:
+            decompose(model, many[: n * args.batch], t, target="pred", batch_size=args.batch, **kw)
+
+        few = max(2, args.graph_batches // 3)
+        t_all = best_time(lambda: graphed(args.graph_batches), dev, repeats=2, warmup=True)
+        t_few = best_time(lambda: graphed(few), dev, repeats=2)
+        replay = (t_all - t_few) / (args.graph_batches - few)
     cases = [  # name, function, warm up and take the best of 2 (cheap cases), or time one cold run
         ("scalar exact (target=pred)", lambda: decompose(model, x, t, target="pred", **kw), True),
         (
@@ -94,6 +118,16 @@ def main() -> None:
     if args.only_scalar:
         cases = cases[:1]
     rows = [("forward (warm, best of 3)", t_fwd)]
+    if t_fp32 != t_fwd:
+        rows.append(("forward, full float32 as decomposed (best of 3)", t_fp32))
+    if dev.startswith("cuda") and args.graph_batches >= 3:
+        rows.append(
+            (
+                f"scalar exact, CUDA graph: {args.graph_batches} batches / {args.graph_batches}",
+                t_all / args.graph_batches,
+            )
+        )
+        rows.append(("scalar exact, CUDA graph: each further batch", replay))
     for name, fn, warm in cases:
         if warm:  # first-call allocations are not the method's cost; the forward is timed warm too
             name += " (warm, best of 2)"
@@ -101,9 +135,9 @@ def main() -> None:
         if "paper style" in name:
             secs *= args.probes / args.paper_probes
         rows.append((name, secs))
-    print(f"{'case':<52} {'seconds':>10} {'x forward':>10}")
+    print(f"{'case':<60} {'seconds':>10} {'x forward':>10} {'x fp32 fwd':>10}")
     for case, secs in rows:
-        print(f"{case:<52} {secs:>10.3f} {secs / t_fwd:>10.1f}")
+        print(f"{case:<60} {secs:>10.4f} {secs / t_fwd:>10.1f} {secs / t_fp32:>10.1f}")
     by = {name.split(" (")[0]: secs for name, secs in rows}
     paper = next((v for k, v in by.items() if "paper style" in k), None)
     reused = next((v for k, v in by.items() if "v_i reused" in k), None)

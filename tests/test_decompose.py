@@ -142,6 +142,35 @@ def test_local_lie_derivatives_match_finite_differences(transform: str) -> None:
     assert checked >= 4
 
 
+@pytest.mark.parametrize("generator", ["central", "fourier"])
+def test_ops_skipped_as_exactly_equivariant_have_zero_local_lie_derivative(generator: str) -> None:
+    """Per-position Linears (tokens, channels-last), unpadded 1x1 convs and ops between invariant
+    tensors are skipped: their v_i, computed anyway, is 0 to rounding; padded 1x1 and 3x3 convs are
+    not skipped."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).double().eval()
+    convnext = timm.create_model("convnext_atto", num_classes=4).double().eval()
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.GELU(), nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 3), nn.Flatten(2)
+    ).double()
+    skipped = set()
+    for model, size in ((vit, 32), (convnext, 32), (cnn, 12)):
+        with torch.no_grad(), record(model) as rec:
+            model(random_images(2, 3, size, size))
+        for op in rec:
+            if not op.exactly_equivariant or op.op in ("reshape", "view", "permute", "transpose", "flatten"):
+                continue
+            for transform in ("translate_x", "rotate"):
+                vs = local_lie_derivative(op, transform, generator)
+                for v, h, lay in zip(vs, op.outputs, op.out_layouts, strict=True):
+                    scale = apply_generator(h, transform, generator, lay).norm().clamp_min(1e-300)
+                    assert v.norm() <= 1e-12 * scale or v.norm() == 0, op.name
+            skipped.add((type(model).__name__, op.op))
+    assert {("VisionTransformer", "Linear"), ("ConvNeXt", "Linear"), ("Sequential", "Conv2d")} <= skipped
+    names = {op.name: op.exactly_equivariant for op in rec}
+    assert names["0"] and not names["2"] and not names["3"]  # 1x1 unpadded / 1x1 padded / 3x3
+
+
 def test_contributions_match_finite_differences_of_the_target() -> None:
     """c_i = <dT/dh_i, v_i>, with v_i by finite differences and the gradient by autograd."""
     net, x = smooth_cnn(), random_images(2, 3, 16, 16)
@@ -174,6 +203,58 @@ def test_batch_size_joins_parts_equal_to_one_pass() -> None:
     torch.testing.assert_close(parts.maps[name], whole.maps[name], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="batch_size"):
         decompose(model, x, "rotate", batch_size=0)
+
+
+def test_cuda_graph_needs_a_gpu_and_a_scalar_target() -> None:
+    model, x = smooth_cnn(), random_images(4, h=16, w=16)
+    with pytest.raises(ValueError, match="not on a CUDA device"):
+        decompose(model, x, "rotate", target=0, batch_size=2, cuda_graph=True)
+    auto = decompose(model, x, "rotate", target=0, batch_size=2)  # None: eager on the CPU
+    assert "cuda_graph" not in auto.extra and auto.completeness_error < 1e-4
+
+
+class _DataDependent(nn.Module):
+    """Takes a branch on the data (a host sync): cannot be captured as a CUDA graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = torch.relu(h) if h.mean() > 0 else torch.tanh(h)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("target", ["pred", 1, "per-image"])
+def test_cuda_graph_replay_equals_eager_batches(target) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=5).eval().cuda()
+    x = random_images(7, h=32, w=32).float().cuda()
+    tgt = torch.tensor([0, 1, 2, 3, 4, 0, 1]) if target == "per-image" else target
+    eager = decompose(model, x, "rotate", target=tgt, keep_maps=True, batch_size=3, cuda_graph=False)
+    graphed = decompose(model, x, "rotate", target=tgt, keep_maps=True, batch_size=3, cuda_graph=True)
+    assert graphed.names == eager.names and graphed.target == eager.target
+    scale = eager.values.abs().max().item()
+    torch.testing.assert_close(graphed.values, eager.values, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(graphed.total, eager.total, rtol=1e-4, atol=1e-5 * scale)
+    assert graphed.completeness_error < 1e-4 and graphed.extra.get("cuda_graph") is True
+    assert sorted(graphed.maps) == sorted(eager.maps) and len(eager.maps) > 10
+    for name, m in eager.maps.items():
+        torch.testing.assert_close(graphed.maps[name], m, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_falls_back_to_eager_with_a_warning() -> None:
+    torch.manual_seed(0)
+    model, x = _DataDependent().cuda().eval(), random_images(4, h=16, w=16).float().cuda()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="eagerly"):
+        got = decompose(model, x, "rotate", target=0, batch_size=2)
+    want = decompose(model, x, "rotate", target=0, batch_size=2, cuda_graph=False)
+    torch.testing.assert_close(got.values, want.values)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_select_moves_the_rest_to_unattributed() -> None:
