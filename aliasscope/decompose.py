@@ -366,6 +366,18 @@ def _last_uses(
     return last
 
 
+def _widen(t: torch.Tensor, start: int, lo: int, hi: int) -> torch.Tensor:
+    """Tangent slots ``[start, start + len(t))`` as slots ``[lo, hi)`` (zeros where it has none)."""
+    before, after = start - lo, hi - start - t.shape[0]
+    if before == 0 and after == 0:
+        return t
+    parts = [t.new_zeros((before, *t.shape[1:]))] if before else []
+    parts.append(t)
+    if after:
+        parts.append(t.new_zeros((after, *t.shape[1:])))
+    return torch.cat(parts)
+
+
 def _propagate(
     ops: Sequence[OpRecord],
     vs: dict[int, list[torch.Tensor]],
@@ -373,22 +385,27 @@ def _propagate(
     out: torch.Tensor,
     last_use: dict[int, int],
 ) -> torch.Tensor:
-    """``J_{>i} v_i`` at the output for each op i in ``group``: (len(group), *out.shape).
+    """``J_{>i} v_i`` at the output for each op i in ``group`` (ascending): (len(group), *out.shape).
 
     The ops' local Lie derivatives are pushed forward together through the rest of the recorded
     graph, one forward-mode jvp per later op, vectorised over the group with ``torch.func.vmap``.
+    Each tangent carries only the contiguous range of slots that can be non-zero there: op k's slot
+    enters at op k, so early in the graph few slots travel (about half the work of carrying all).
     """
     g = len(group)
     slot = {i: k for k, i in enumerate(group)}
-    tangents: dict[int, torch.Tensor] = {}
+    tangents: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (first slot, (slots, *shape))
     for j in range(min(group), len(ops)):
         op = ops[j]
-        has = [id(t) in tangents for t in op.inputs]
+        have = [tangents.get(id(t)) for t in op.inputs]
         new: list[torch.Tensor] | None = None
-        if any(has):
+        lo = hi = 0
+        if any(h is not None for h in have):
+            lo = min(h[0] for h in have if h is not None)
+            hi = max(h[0] + h[1].shape[0] for h in have if h is not None)
             tin = tuple(
-                tangents[id(t)] if h else t.new_zeros((g, *t.shape))
-                for t, h in zip(op.inputs, has, strict=True)
+                _widen(h[1], h[0], lo, hi) if h is not None else t.new_zeros((hi - lo, *t.shape))
+                for t, h in zip(op.inputs, have, strict=True)
             )
             inputs = tuple(op.inputs)
 
@@ -400,18 +417,26 @@ def _propagate(
 
             new = list(torch.func.vmap(push)(*tin))
         if j in slot:
+            k = slot[j]
             if new is None:
-                new = [h.new_zeros((g, *h.shape)) for h in op.outputs]
-            for k, v in enumerate(vs.get(j, [])):
-                new[k] = new[k].clone()
-                new[k][slot[j]] += v
+                lo, hi = k, k + 1
+                new = [h.new_zeros((1, *h.shape)) for h in op.outputs]
+            else:
+                new = [_widen(t, lo, min(lo, k), max(hi, k + 1)) for t in new]
+                lo, hi = min(lo, k), max(hi, k + 1)
+            for m, v in enumerate(vs.get(j, [])):
+                new[m] = new[m].clone()
+                new[m][k - lo] += v
         for t in op.inputs:
             if last_use.get(id(t)) == j and t is not out:
                 tangents.pop(id(t), None)
         if new is not None:
             for h, t in zip(op.outputs, new, strict=True):
-                tangents[id(h)] = t
-    return tangents.get(id(out), out.new_zeros((g, *out.shape)))
+                tangents[id(h)] = (lo, t)
+    if id(out) not in tangents:
+        return out.new_zeros((g, *out.shape))
+    first, t = tangents[id(out)]
+    return _widen(t, first, 0, g)
 
 
 def _auto_group_size(ops: Sequence[OpRecord], device: torch.device) -> int:

@@ -330,6 +330,22 @@ def test_vector_decomposition_is_complete_and_matches_scalar_targets(output: str
         torch.testing.assert_close(scalar.values, vectors[:, :, k], rtol=1e-9, atol=1e-15)
 
 
+def test_vector_decomposition_through_residual_branches_for_any_group_size() -> None:
+    """Tangent slots enter at their op and are widened where residual branches meet: every grouping
+    gives the same vectors, equal to the scalar decomposition of each class."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4).double().eval()
+    x = random_images(2, 3, 32, 32)
+    kw = {"target": None, "output": "softmax", "keep_maps": True}
+    one = decompose(model, x, "rotate", group_size=1000, **kw).extra["vectors"]
+    for size in (1, 5):
+        torch.testing.assert_close(
+            decompose(model, x, "rotate", group_size=size, **kw).extra["vectors"], one, rtol=1e-9, atol=1e-15
+        )
+    scalar = decompose(model, x, "rotate", target=2, output="softmax")
+    torch.testing.assert_close(scalar.values, one[:, :, 2], rtol=1e-9, atol=1e-15)
+
+
 def test_vector_decomposition_on_a_vit_with_prefix_tokens() -> None:
     model = _model("deit_tiny_distilled_patch16_224", torch.float64)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
