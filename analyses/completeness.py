@@ -38,10 +38,10 @@ MODELS = [
 ]
 
 
-def _build(name: str, device: str) -> tuple[nn.Module, torch.Tensor]:
+def _build(name: str, device: str, images: str | None) -> tuple[nn.Module, torch.Tensor]:
     if name == "tf_efficientnet_lite0":
         model, preprocess = load_model(name, device=device)
-        return model, load_images(None, preprocess, limit=2).images.to(device)
+        return model, load_images(images, preprocess, limit=2).images.to(device)
     torch.manual_seed(0)
     model = timm.create_model(name).eval().to(device)
     head = model.get_classifier()
@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--out", default="figures")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--images", default=None, help="real photos for lite0 (default: the bundled scikit-image photos)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -65,7 +68,7 @@ def main() -> None:
         f"{'seconds':>8}  top kinds"
     )
     for name in args.models:
-        model, x = _build(name, args.device)
+        model, x = _build(name, args.device, args.images)
         for dtype in (torch.float32, torch.float64):
             m, xx = model.to(dtype), x.to(dtype)
             for transform in ("translate_x", "rotate", "scale"):
