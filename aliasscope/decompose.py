@@ -306,6 +306,10 @@ def _bdot(a: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
     temporary; on a GPU as a product and a reduction, which is memory-bound and far faster there than
     a (1, N) x (N, 1) batched matmul)."""
     p = _batch_dim(layout)
+    if layout.roles is not None and "bw" in layout.roles:  # windows folded into the batch, batch-major
+        (gh, gw), (wh, ww) = layout.grid, layout.window
+        windows = (gh // wh) * (gw // ww)
+        a, b = a.unflatten(p, (-1, windows)), b.unflatten(p, (-1, windows))
     if a.is_cuda:
         return (a * b.to(a.dtype)).sum(dim=[d for d in range(a.dim()) if d != p])
     a2 = a.movedim(p, 0).reshape(a.shape[p], 1, -1)
@@ -315,6 +319,8 @@ def _bdot(a: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def _batch_dim(layout: Layout) -> int:
     roles = layout.roles
+    if roles is not None and "bw" in roles:
+        return roles.index("bw")
     return 0 if roles is None or "b" not in roles else roles.index("b")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .layouts import Layout
+from .layouts import WINDOW_ROLES, Layout
 
 __all__ = ["propagate", "func_name", "ACTIVATIONS", "NORMS", "SAME_LAYOUT", "BINARY"]
 
@@ -195,12 +195,33 @@ def _all_non_spatial(roles: Roles) -> bool:
     return all(r in ("b", "c") for r in roles)
 
 
-def _make(roles: Roles, like: Layout) -> Layout:
-    if "n" in roles:
-        return Layout(roles, like.grid, like.num_prefix)
-    if ("h" in roles) != ("w" in roles):
+def _make(roles: Roles, like: Layout) -> Layout | None:
+    try:
+        if WINDOW_ROLES & set(roles):
+            return Layout(roles, like.grid, 0, like.window) if like.windowed else None
+        if "n" in roles:
+            return Layout(roles, like.grid, like.num_prefix)
+        return Layout(roles)
+    except ValueError:  # roles that make no grid (an 'h' without its 'w', half a window split)
         return None
-    return Layout(roles)
+
+
+def _window_geometry(
+    layout: Layout, in_shape: Sequence[int], out: Sequence[str], out_shape: Sequence[int]
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Full grid and window size of a reshape's window-partitioned result."""
+    grid = list(layout.grid) if layout.windowed else [None, None]
+    window = list(layout.window) if layout.windowed else [None, None]
+    for axis, (plain, outer, inner) in enumerate((("h", "ho", "hi"), ("w", "wo", "wi"))):
+        if inner in out:
+            window[axis] = out_shape[out.index(inner)]
+        if plain in (layout.roles or ()):
+            grid[axis] = in_shape[layout.roles.index(plain)]
+        elif outer in out and inner in out:
+            grid[axis] = out_shape[out.index(outer)] * out_shape[out.index(inner)]
+    if None in grid or None in window:
+        return None
+    return (int(grid[0]), int(grid[1])), (int(window[0]), int(window[1]))
 
 
 def _size_one_roles(shape: Sequence[int], roles: Roles) -> Roles:
@@ -254,6 +275,14 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
         out.extend(grouped)
     if len(out) != n_out:
         return None
+    if WINDOW_ROLES & set(out):
+        geometry = _window_geometry(layout, in_shape, out, out_shape)
+        if geometry is None:
+            return None
+        try:
+            return Layout(tuple(out), geometry[0], 0, geometry[1])
+        except ValueError:
+            return None
     if "h" in out and "n" in roles and layout.num_prefix == 0:
         return Layout(tuple(out))
     if "n" in out and "h" in roles:
@@ -271,6 +300,26 @@ def _regroup(src: Roles, in_sizes: list[int], out_sizes: list[int], layout: Layo
         return [lead] + ["c"] * (len(out_sizes) - 1)
     if src == ("h", "w") and len(out_sizes) == 1:
         return ["n"]
+    # window partition (Swin) and its reverse: split an axis into (window index, position in window),
+    # fold the window indices into the batch and the in-window positions into one token dim, and back
+    split = {("h",): ["ho", "hi"], ("w",): ["wo", "wi"]}
+    merge = {
+        ("b", "ho", "wo"): "bw",
+        ("ho", "wo"): "bw",  # a batch of one (its size-1 dim is dropped before matching)
+        ("hi", "wi"): "ni",
+        ("ho", "hi"): "h",
+        ("wo", "wi"): "w",
+    }
+    if src in split and len(out_sizes) == 2 and min(out_sizes) > 1:
+        return split[src]
+    if src in merge and len(out_sizes) == 1:
+        return [merge[src]]
+    if layout.windowed:
+        (gh, gw), (wh, ww) = layout.grid, layout.window
+        if src == ("bw",) and len(out_sizes) == 3 and out_sizes[1:] == [gh // wh, gw // ww]:
+            return ["b", "ho", "wo"]
+        if src == ("ni",) and out_sizes == [wh, ww]:
+            return ["hi", "wi"]
     if src == ("n",) and layout.num_prefix == 0 and layout.grid and out_sizes == list(layout.grid):
         return ["h", "w"]
     return None
@@ -407,10 +456,14 @@ def propagate(
     if lay is not None and lay.roles is None:
         lay = Layout(("b",) + ("c",) * (x.dim() - 1)) if x.dim() >= 1 else lay
     result: list[Layout | None]
+    if lay is not None and lay.windowed and name not in _WINDOW_OK:
+        return [None] * len(outputs)  # window-partitioned tensors: only moves and elementwise maps
     if name in SAME_LAYOUT and len(outputs) == 1 and outputs[0].shape == x.shape and sum(dependent) == 1:
         result = [lay]
     elif name in BINARY or (name in SAME_LAYOUT and sum(dependent) > 1):
         result = [_binary(inputs, layouts, dependent, outputs[0])]
+    elif name == "pad" and lay is not None and lay.roles is not None and "n" not in lay.roles:
+        result = [lay]  # zero/reflect/replicate padding keeps every dimension's role (BHWC too)
     elif name in GRID_OPS:
         result = [_grid_op(name, lay, o) if o.is_floating_point() else None for o in outputs]
     elif lay is None:
@@ -481,6 +534,25 @@ def propagate(
     return [_size_fix(r, o) for r, o in zip(result, outputs, strict=True)]
 
 
+_WINDOW_SAFE = {
+    "linear",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "movedim",
+    "reshape",
+    "view",
+    "flatten",
+    "unflatten",
+    "view_as",
+    "reshape_as",
+    "squeeze",
+    "unsqueeze",
+}
+_WINDOW_OK = SAME_LAYOUT | BINARY | _WINDOW_SAFE
+
+
 def _index(inputs: list[torch.Tensor], t: torch.Tensor) -> int:
     for i, u in enumerate(inputs):
         if u is t:
@@ -496,6 +568,11 @@ def _size_fix(layout: Layout | None, out: torch.Tensor) -> Layout | None:
     roles = _size_one_roles(out.shape, layout.roles)
     if "n" in roles and out.shape[roles.index("n")] != layout.num_tokens:
         return None
+    if layout.windowed:
+        try:
+            layout.check(out)
+        except ValueError:
+            return None
     if roles != layout.roles:
         return _make(roles, layout)
     return layout

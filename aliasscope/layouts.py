@@ -22,6 +22,7 @@ spatial transform acts as the identity. A tensor with several spatial dimensions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,12 @@ from torch import nn
 
 __all__ = ["Layout", "BCHW", "BHWC", "INVARIANT", "infer_layout", "map_spatial"]
 
-ROLES = ("b", "c", "h", "w", "n")
+ROLES = ("b", "c", "h", "w", "n", "ho", "hi", "wo", "wi", "bw", "ni")
+WINDOW_ROLES = frozenset({"ho", "hi", "wo", "wi", "bw", "ni"})
+"""Roles of window-partitioned grids (Swin): a grid axis split into window index and position in the
+window (``ho``/``hi``, ``wo``/``wi``), the batch merged with the window indices (``bw``, batch-major),
+and the positions within a window flattened (``ni``, row-major)."""
+_FACTORS = {"bw": ("b", "ho", "wo"), "ni": ("hi", "wi")}
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,21 @@ class Layout:
     Parameters
     ----------
     roles:
-        One of ``"b", "c", "h", "w", "n"`` per dimension, or ``None`` for an invariant tensor.
+        One of ``"b", "c", "h", "w", "n"`` per dimension (or a window role of
+        :data:`WINDOW_ROLES`), or ``None`` for an invariant tensor.
     grid:
-        (rows, cols) of the token grid, required when a role is ``"n"``.
+        (rows, cols) of the token grid, required when a role is ``"n"``; the full pixel grid (H, W)
+        with window roles.
     num_prefix:
         Leading non-grid tokens along every ``"n"`` dimension.
+    window:
+        (rows, cols) of a window, with window roles.
     """
 
     roles: tuple[str, ...] | None = None
     grid: tuple[int, int] | None = None
     num_prefix: int = 0
+    window: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.roles is None:
@@ -57,12 +68,16 @@ class Layout:
         bad = [r for r in self.roles if r not in ROLES]
         if bad:
             raise ValueError(f"unknown layout roles {bad}; valid roles: {', '.join(ROLES)}")
-        if (
-            ("h" in self.roles) != ("w" in self.roles)
-            or self.roles.count("h") > 1
-            or self.roles.count("w") > 1
-        ):
-            raise ValueError(f"a layout needs exactly one 'h' and one 'w' or neither, got {self.roles}")
+        factors = self.factors
+        hs = sorted(f for f in factors if f in ("h", "ho", "hi"))
+        ws = sorted(f for f in factors if f in ("w", "wo", "wi"))
+        if hs not in ([], ["h"], ["hi", "ho"]) or ws not in ([], ["w"], ["wi", "wo"]) or bool(hs) != bool(ws):
+            raise ValueError(
+                f"a layout needs the rows and the columns of one grid (an 'h' and a 'w', or their "
+                f"window parts) or neither, got {self.roles}"
+            )
+        if WINDOW_ROLES & set(self.roles) and (self.window is None or self.grid is None or "n" in self.roles):
+            raise ValueError("a layout with window roles needs grid=(H, W) and window=(rows, cols), no 'n'")
         if "n" in self.roles and (self.grid is None or len(self.grid) != 2):
             raise ValueError("a layout with token dimensions ('n') needs grid=(rows, cols)")
 
@@ -77,10 +92,18 @@ class Layout:
         """A short name: ``bchw``, ``bhwc``, ``tokens``, ``invariant`` or the roles joined."""
         if not self.is_image_like:
             return "invariant"
-        named = {("b", "c", "h", "w"): "bchw", ("b", "h", "w", "c"): "bhwc", ("b", "n", "c"): "tokens"}
+        named = {
+            ("b", "c", "h", "w"): "bchw",
+            ("b", "h", "w", "c"): "bhwc",
+            ("b", "n", "c"): "tokens",
+            ("bw", "ni", "c"): "windows",
+            ("bw", "hi", "wi", "c"): "windows2d",
+        }
         return named.get(self.roles, "".join(self.roles))
 
     def __str__(self) -> str:
+        if self.windowed:
+            return f"{self.kind}({self.grid[0]}x{self.grid[1]}/{self.window[0]}x{self.window[1]})"
         if "n" in (self.roles or ()):
             extra = f"+{self.num_prefix}" if self.num_prefix else ""
             return f"{self.kind}({self.grid[0]}x{self.grid[1]}{extra})"
@@ -89,7 +112,30 @@ class Layout:
     @property
     def is_image_like(self) -> bool:
         """True when spatial transforms act on the tensor."""
-        return self.roles is not None and any(r in ("h", "w", "n") for r in self.roles)
+        return self.roles is not None and any(r in ("h", "w", "n") or r in WINDOW_ROLES for r in self.roles)
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        """The roles with merged window roles expanded (``bw`` -> b, ho, wo; ``ni`` -> hi, wi)."""
+        return tuple(f for r in self.roles or () for f in _FACTORS.get(r, (r,)))
+
+    @property
+    def windowed(self) -> bool:
+        """True when the grid is window-partitioned (Swin)."""
+        return bool(WINDOW_ROLES & set(self.roles or ()))
+
+    def _factor_sizes(self, shape: tuple[int, ...]) -> list[int]:
+        """Sizes of :attr:`factors` for a tensor of ``shape`` (window layouts)."""
+        (gh, gw), (wh, ww) = self.grid, self.window
+        sizes: list[int] = []
+        for r, n in zip(self.roles, shape, strict=True):
+            if r == "bw":
+                sizes += [n // ((gh // wh) * (gw // ww)), gh // wh, gw // ww]
+            elif r == "ni":
+                sizes += [wh, ww]
+            else:
+                sizes.append(n)
+        return sizes
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +148,15 @@ class Layout:
             return
         if x.dim() != len(self.roles):
             raise ValueError(f"layout {self} needs a {len(self.roles)}-D tensor, got shape {tuple(x.shape)}")
+        if self.windowed:
+            (gh, gw), (wh, ww) = self.grid, self.window
+            want = {"ho": gh // wh, "hi": wh, "wo": gw // ww, "wi": ww, "ni": wh * ww}
+            for d, r in enumerate(self.roles):
+                bad = (r in want and x.shape[d] != want[r]) or (
+                    r == "bw" and x.shape[d] % ((gh // wh) * (gw // ww))
+                )
+                if bad or gh % wh or gw % ww:
+                    raise ValueError(f"layout {self} does not fit dim {d} of shape {tuple(x.shape)}")
         for d, r in enumerate(self.roles):
             if r == "n" and x.shape[d] != self.num_tokens:
                 raise ValueError(
@@ -157,6 +212,8 @@ def map_spatial(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], to
     roles = layout.roles
     if roles == ("b", "c", "h", "w"):
         return fn(x)
+    if layout.windowed:
+        return _map_windows(x, layout, fn)
     parts: list[torch.Tensor] = []
     if "h" in roles:
         dh, dw = roles.index("h"), roles.index("w")
@@ -177,6 +234,28 @@ def map_spatial(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], to
     for part in parts[1:]:
         out = out + part
     return out
+
+
+def _map_windows(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` on the full grid a window-partitioned tensor stands for: windows put back in place,
+    ``fn`` applied, and partitioned again."""
+    factors = layout.factors
+    sizes = layout._factor_sizes(tuple(x.shape))
+    order = (
+        [k for k, f in enumerate(factors) if f == "b"]
+        + [k for k, f in enumerate(factors) if f == "c"]
+        + [factors.index(f) for f in ("h", "ho", "hi") if f in factors]
+        + [factors.index(f) for f in ("w", "wo", "wi") if f in factors]
+    )
+    grid = layout.grid
+    lead_b = math.prod(sizes[k] for k, f in enumerate(factors) if f == "b")
+    lead_c = math.prod(sizes[k] for k, f in enumerate(factors) if f == "c")
+    img = x.reshape(sizes).permute(order).reshape(lead_b, lead_c, *grid)
+    out = fn(img).reshape([sizes[k] for k in order])
+    inverse = [0] * len(order)
+    for i, k in enumerate(order):
+        inverse[k] = i
+    return out.permute(inverse).reshape(x.shape)
 
 
 def _on_grid(grid: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -103,16 +103,25 @@ def test_mixer_token_mlp_is_one_token_mixing_op() -> None:
     assert ops["blocks.0.mlp_channels.fc1"] == ("linear", "tokens(4x4)")
 
 
-def test_swin_windows_are_recorded_as_whole_blocks() -> None:
+def test_swin_window_partition_gets_a_window_layout() -> None:
+    """Window partition/reverse are moves between BHWC and a window layout, so a Swin block splits into
+    norms, the cyclic shift, window attention (one op: its scores live inside windows), MLP and adds."""
     model = timm.create_model(
-        "swin_tiny_patch4_window7_224", img_size=64, window_size=2, depths=(1, 1, 1, 1)
+        "swin_tiny_patch4_window7_224", img_size=64, window_size=2, depths=(2, 1, 1, 1)
     ).eval()
     with torch.no_grad(), record(model) as rec:
         model(torch.randn(2, 3, 64, 64))
     ops = _ops(rec)
-    assert ops["layers.0.blocks.0"] == ("attention", "bhwc")
+    assert ops["layers.0.blocks.0.attn"] == ("attention", "windows(16x16/2x2)")
+    assert ops["layers.0.blocks.0.view#1"] == ("layout", "windows2d(16x16/2x2)")
+    assert ops["layers.0.blocks.0.view#5"] == ("layout", "bhwc")  # windows put back
+    assert ops["layers.0.blocks.1.roll"] == ("other", "bhwc")  # the shifted block's cyclic shift
+    assert ops["layers.0.blocks.0.mlp.act"] == ("nonlinearity", "tokens(16x16)")
     assert ops["layers.1.downsample"] == ("downsampling", "bhwc")
-    assert not any(name.startswith("layers.0.blocks.0.") for name in ops)
+    by_name = {op.name: op for op in rec}
+    assert by_name["layers.0.blocks.0.view#1"].exactly_equivariant
+    assert not by_name["layers.0.blocks.1.roll"].exactly_equivariant
+    assert not any(name.startswith("layers.0.blocks.0.attn.") for name in ops)
 
 
 class Folded(nn.Module):

@@ -208,3 +208,23 @@ def test_generator_on_every_layout_equals_the_generator_on_the_image_grid(genera
     want[:, :, 1:, :] += rows.reshape(2, 3, 21, 20).transpose(2, 3)
     want[:, :, :, 1:] += cols.reshape(2, 3, 21, 20)
     torch.testing.assert_close(d_attn, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("generator", ["central", "fourier"])
+def test_generator_on_swin_windows_equals_the_generator_on_the_reassembled_grid(generator: str) -> None:
+    from aliasscope.layouts import Layout
+
+    torch.manual_seed(0)
+    b, h, w, c, wh, ww = 2, 6, 8, 3, 3, 4
+    grid = torch.randn(b, h, w, c)
+
+    def partition(x: torch.Tensor) -> torch.Tensor:  # timm's window_partition, then flattened windows
+        x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, wh * ww, c)
+
+    windows = Layout(("bw", "ni", "c"), (h, w), 0, (wh, ww))
+    got = apply_generator(partition(grid), "rotate", generator, windows)
+    want = partition(apply_generator(grid, "rotate", generator, Layout(("b", "h", "w", "c"))))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="window"):
+        Layout(("bw", "ni", "c"), (h, w))
