@@ -44,7 +44,7 @@ from .borrow import borrowed
 from .capture import OpRecord
 from .decompose import Decomposition, decompose
 from .generators import apply_generator, get_generator
-from .layouts import BCHW, Layout
+from .layouts import BCHW, Layout, window_grid
 from .lie import lie_derivative
 from .transforms import get_transform
 
@@ -154,6 +154,8 @@ def _to_grid(m: torch.Tensor, layout: Layout | None) -> torch.Tensor:
         return _batch_first(m, layout)
     if layout.kind == "bhwc":
         return m.permute(0, 3, 1, 2)
+    if layout.windowed:
+        return window_grid(m, layout)
     if layout.kind == "tokens":
         return layout.to_bchw(m)[0]
     return _batch_first(m, layout)

@@ -38,7 +38,7 @@ from .borrow import borrowed, check_images
 from .capture import KINDS, OpRecord, _tensors, record
 from .forward_mode import jvp
 from .generators import apply_generator, get_generator
-from .layouts import Layout, infer_layout
+from .layouts import Layout, infer_layout, window_grid
 from .lie import Output, _output_fn, lie_derivative
 from .results import rows_to_csv, save_text, to_json_text
 from .transforms import get_transform
@@ -94,6 +94,8 @@ class Decomposition:
                 f"no contribution map for {name!r}: decompose with keep_maps=True and a scalar target"
             )
         layout = self.layout_objects[self.names.index(name)] if self.layout_objects else None
+        if layout is not None and layout.windowed:
+            return window_grid(self.maps[name], layout).sum(1)
         if layout is None or layout.kind not in ("bchw", "bhwc", "tokens"):
             raise ValueError(f"op {name!r} has layout {layout}: no single image grid to map")
         return layout.to_bchw(self.maps[name])[0].sum(1)

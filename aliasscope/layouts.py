@@ -29,7 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Layout", "BCHW", "BHWC", "INVARIANT", "infer_layout", "map_spatial"]
+__all__ = [
+    "Layout",
+    "BCHW",
+    "BHWC",
+    "INVARIANT",
+    "WINDOW_ROLES",
+    "infer_layout",
+    "map_spatial",
+    "window_grid",
+]
 
 ROLES = ("b", "c", "h", "w", "n", "ho", "hi", "wo", "wi", "bw", "ni")
 WINDOW_ROLES = frozenset({"ho", "hi", "wo", "wi", "bw", "ni"})
@@ -239,6 +248,20 @@ def map_spatial(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], to
 def _map_windows(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``fn`` on the full grid a window-partitioned tensor stands for: windows put back in place,
     ``fn`` applied, and partitioned again."""
+    img, sizes, order = _window_grid(x, layout)
+    out = fn(img).reshape([sizes[k] for k in order])
+    inverse = [0] * len(order)
+    for i, k in enumerate(order):
+        inverse[k] = i
+    return out.permute(inverse).reshape(x.shape)
+
+
+def window_grid(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A window-partitioned tensor (Swin) as the (B, C, H, W) grid it stands for (windows put back)."""
+    return _window_grid(x, layout)[0]
+
+
+def _window_grid(x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[int], list[int]]:
     factors = layout.factors
     sizes = layout._factor_sizes(tuple(x.shape))
     order = (
@@ -251,11 +274,7 @@ def _map_windows(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], t
     lead_b = math.prod(sizes[k] for k, f in enumerate(factors) if f == "b")
     lead_c = math.prod(sizes[k] for k, f in enumerate(factors) if f == "c")
     img = x.reshape(sizes).permute(order).reshape(lead_b, lead_c, *grid)
-    out = fn(img).reshape([sizes[k] for k in order])
-    inverse = [0] * len(order)
-    for i, k in enumerate(order):
-        inverse[k] = i
-    return out.permute(inverse).reshape(x.shape)
+    return img, sizes, order
 
 
 def _on_grid(grid: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

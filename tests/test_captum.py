@@ -210,6 +210,24 @@ def test_vit_token_maps_on_the_patch_grid() -> None:
     assert everything["blocks.0.add"].shape == (2, 192, 4, 4)
 
 
+def test_swin_window_attention_maps_on_the_full_grid() -> None:
+    """A window-attention layer's map comes back as (B, C, H, W), windows put back in place."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=32, window_size=2, depths=(2, 1, 1, 1), num_classes=5
+    )
+    model = model.double().eval()
+    x = random_images(2, 3, 32, 32)
+    attn = model.layers[0].blocks[1].attn
+    attr = LayerLieDerivative(model, attn, "rotate")
+    grid = attr.attribute(x, target=3)
+    assert grid.shape == (2, 96, 8, 8)
+    d = attr.last_decomposition
+    torch.testing.assert_close(
+        grid.flatten(1).sum(1), d.values[d.names.index("layers.0.blocks.1.attn")], rtol=1e-9, atol=1e-15
+    )
+
+
 def test_target_conventions() -> None:
     net, x = smooth_cnn(), random_images(2, 3, 16, 16)
     attr = LayerLieDerivative(net, net[3], "translate_y")

@@ -64,13 +64,16 @@ def test_swin_windows_decompose_exactly_with_scalar_and_vector_targets() -> None
     )
     model = model.double().eval()
     x = random_images(2, 3, 32, 32)
-    scalar = decompose(model, x, "rotate", target=3, output="softmax")
+    scalar = decompose(model, x, "rotate", target=3, output="softmax", keep_maps=True)
     vector = decompose(model, x, "rotate", target=None, output="softmax", keep_maps=True, group_size=8)
     assert scalar.completeness_error < 1e-9 and vector.completeness_error < 1e-9
     assert "layers.0.blocks.0.attn" in scalar.names and "layers.0.blocks.1.roll" in scalar.names
     torch.testing.assert_close(scalar.values, vector.extra["vectors"][:, :, 3], rtol=1e-9, atol=1e-15)
     attn = scalar.values[scalar.names.index("layers.0.blocks.1.attn")]
     assert attn.shape == (2,) and attn.abs().max() > 0
+    where = scalar.spatial_map("layers.0.blocks.1.attn")  # windows put back on the 8x8 grid
+    assert where.shape == (2, 8, 8)
+    torch.testing.assert_close(where.sum((1, 2)), attn, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("units", ["paper", ["BatchNormAct2d"]])
