@@ -275,6 +275,8 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
         out.extend(grouped)
     if len(out) != n_out:
         return None
+    if ("b" in roles or "bw" in roles) and not {"b", "bw"} & set(out) and out_shape[0] == 1:
+        out[0] = "b"  # a batch of one: its size-1 dim was matched to nothing (windows unfolded)
     if WINDOW_ROLES & set(out):
         geometry = _window_geometry(layout, in_shape, out, out_shape)
         if geometry is None:
@@ -318,6 +320,8 @@ def _regroup(src: Roles, in_sizes: list[int], out_sizes: list[int], layout: Layo
         (gh, gw), (wh, ww) = layout.grid, layout.window
         if src == ("bw",) and len(out_sizes) == 3 and out_sizes[1:] == [gh // wh, gw // ww]:
             return ["b", "ho", "wo"]
+        if src == ("bw",) and out_sizes == [gh // wh, gw // ww]:  # a batch of one (size-1 dim apart)
+            return ["ho", "wo"]
         if src == ("ni",) and out_sizes == [wh, ww]:
             return ["hi", "wi"]
     if src == ("n",) and layout.num_prefix == 0 and layout.grid and out_sizes == list(layout.grid):

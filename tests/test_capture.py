@@ -103,14 +103,15 @@ def test_mixer_token_mlp_is_one_token_mixing_op() -> None:
     assert ops["blocks.0.mlp_channels.fc1"] == ("linear", "tokens(4x4)")
 
 
-def test_swin_window_partition_gets_a_window_layout() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_swin_window_partition_gets_a_window_layout(batch: int) -> None:
     """Window partition/reverse are moves between BHWC and a window layout, so a Swin block splits into
     norms, the cyclic shift, window attention (one op: its scores live inside windows), MLP and adds."""
     model = timm.create_model(
         "swin_tiny_patch4_window7_224", img_size=64, window_size=2, depths=(2, 1, 1, 1)
     ).eval()
     with torch.no_grad(), record(model) as rec:
-        model(torch.randn(2, 3, 64, 64))
+        model(torch.randn(batch, 3, 64, 64))
     ops = _ops(rec)
     assert ops["layers.0.blocks.0.attn"] == ("attention", "windows(16x16/2x2)")
     assert ops["layers.0.blocks.0.view#1"] == ("layout", "windows2d(16x16/2x2)")
