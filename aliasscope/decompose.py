@@ -427,13 +427,16 @@ def _propagate(
         if j in slot:
             k = slot[j]
             if new is None:
-                lo, hi = k, k + 1
+                lo, hi, fresh = k, k + 1, True
                 new = [h.new_zeros((1, *h.shape)) for h in op.outputs]
             else:
-                new = [_widen(t, lo, min(lo, k), max(hi, k + 1)) for t in new]
-                lo, hi = min(lo, k), max(hi, k + 1)
+                wider = min(lo, k), max(hi, k + 1)
+                fresh = wider != (lo, hi)  # widened: new tensors, safe to add into
+                new = [_widen(t, lo, *wider) for t in new]
+                lo, hi = wider
             for m, v in enumerate(vs.get(j, [])):
-                new[m] = new[m].clone()
+                if not fresh:  # the jvp may hand back an input's tangent (identity-like ops)
+                    new[m] = new[m].clone()
                 new[m][k - lo] += v
         for t in op.inputs:
             if last_use.get(id(t)) == j and t is not out:
@@ -483,9 +486,9 @@ class _ScalarPass:
     maps: dict[str, torch.Tensor]
     target: str
 
-    def read(self, dots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values (ops, B), total (B,))`` in float64 on the CPU, summed in float64."""
-        d = (self.dots if dots is None else dots).double().cpu()
+        d = self.dots.double().cpu()
         rows = torch.tensor(self.rows, dtype=torch.long)
         signed = d * torch.tensor(self.signs, dtype=torch.float64)[:, None]
         values = torch.zeros(len(self.rec.ops), d.shape[1], dtype=torch.float64)
