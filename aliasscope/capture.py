@@ -11,11 +11,11 @@
 
 each with ``#k`` appended for the k-th repeat of the same name. Every activation that depends on the
 input gets a :class:`~aliasscope.layouts.Layout`, propagated call by call
-(:mod:`aliasscope.layout_rules`). Where a layout cannot be known (Swin folds spatial windows into
-the batch), the smallest enclosing module call whose inputs and outputs have known layouts is recorded
-as one op instead. Ops on constants only (parameters, buffers) are not ops: a parameter enters the
-analysis where it meets an activation (a position embedding add is where the embedding breaks
-equivariance).
+(:mod:`aliasscope.layout_rules`). Where a layout cannot be known (attention scores inside Swin's
+windows, pixels folded into the batch by custom code), the smallest enclosing module call whose inputs
+and outputs have known layouts is recorded as one op instead. Ops on constants only (parameters,
+buffers) are not ops: a parameter enters the analysis where it meets an activation (a position
+embedding add is where the embedding breaks equivariance).
 
 In-place ops (``ReLU(inplace=True)``, ``x += y``, ``x.mul_(g)``) run out of place while recording so
 that recorded activations keep their values; the model's parameters and flags are never touched.

@@ -1,9 +1,10 @@
 """Propagating layouts through torch calls: given the layouts of a call's inputs, those of its outputs.
 
 Used by :mod:`aliasscope.capture` to know, for every activation of a network, which dimensions are
-the batch, channels, the pixel grid or the token sequence. A rule returns ``None`` when it cannot
-tell (say, when Swin folds spatial windows into the batch); the capture then treats the smallest
-enclosing module with known boundary layouts as one op.
+the batch, channels, the pixel grid, the token sequence or window-partitioned grids (Swin). A rule
+returns ``None`` when it cannot tell (attention scores inside windows, pixels folded into the batch
+by custom code); the capture then treats the smallest enclosing module with known boundary layouts as
+one op.
 """
 
 from __future__ import annotations
