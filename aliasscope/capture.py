@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .forward_mode import out_of_place
-from .layout_rules import ACTIVATIONS, NORMS, func_name, propagate
+from .layout_rules import ACTIVATIONS, NORMS, PERMUTES, RESHAPES, func_name, propagate
 from .layouts import BCHW, Layout
 
 __all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record", "select_ops"]
@@ -67,53 +67,42 @@ KINDS: dict[str, str] = {
 _ZERO_KINDS = {"layout"}
 _NONLINEAR = ACTIVATIONS
 _NORMS = NORMS
-_LAYOUT_OPS = {
-    "reshape",
-    "view",
-    "flatten",
-    "unflatten",
-    "view_as",
-    "reshape_as",
-    "squeeze",
-    "unsqueeze",
-    "permute",
-    "transpose",
-    "swapaxes",
-    "swapdims",
-    "t",
-    "mT",
-    "movedim",
-    "contiguous",
-    "clone",
-    "to",
-    "float",
-    "double",
-    "half",
-    "type",
-    "type_as",
-    "detach",
-    "getitem",
-    "cat",
-    "concat",
-    "concatenate",
-    "stack",
-    "unbind",
-    "select",
-    "split",
-    "chunk",
-    "tensor_split",
-    "expand",
-    "expand_as",
-    "broadcast_to",
-    "dropout",
-    "dropout1d",
-    "dropout2d",
-    "dropout3d",
-    "alpha_dropout",
-    "identity",
-    "_unpack_dual",
-    "_make_dual",
-}
+_LAYOUT_OPS = (
+    RESHAPES
+    | PERMUTES
+    | {
+        "contiguous",
+        "clone",
+        "to",
+        "float",
+        "double",
+        "half",
+        "type",
+        "type_as",
+        "detach",
+        "getitem",
+        "cat",
+        "concat",
+        "concatenate",
+        "stack",
+        "unbind",
+        "select",
+        "split",
+        "chunk",
+        "tensor_split",
+        "expand",
+        "expand_as",
+        "broadcast_to",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "identity",
+        "_unpack_dual",
+        "_make_dual",
+    }
+)
 _POOL_REDUCE = {
     "mean",
     "sum",

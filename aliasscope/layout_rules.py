@@ -17,7 +17,16 @@ import torch
 
 from .layouts import WINDOW_ROLES, Layout
 
-__all__ = ["propagate", "func_name", "ACTIVATIONS", "NORMS", "SAME_LAYOUT", "BINARY"]
+__all__ = [
+    "propagate",
+    "func_name",
+    "ACTIVATIONS",
+    "NORMS",
+    "SAME_LAYOUT",
+    "BINARY",
+    "RESHAPES",
+    "PERMUTES",
+]
 
 Roles = tuple[str, ...]
 
@@ -142,6 +151,12 @@ BINARY = {
     "hypot",
     "logaddexp",
 }
+RESHAPES = frozenset(
+    {"reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze"}
+)
+"""Calls that regroup dimensions without moving data."""
+PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "mT", "movedim"})
+"""Calls that reorder dimensions."""
 GRID_OPS = {
     "conv1d",
     "conv2d",
@@ -502,7 +517,7 @@ def propagate(
         perm.pop(_norm_dim(src, x.dim()))
         perm.insert(_norm_dim(dst, x.dim()), _norm_dim(src, x.dim()))
         result = [_make(tuple(lay.roles[d] for d in perm), lay)]
-    elif name in ("reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze"):
+    elif name in RESHAPES:
         result = [_reshape(lay, x.shape, outputs[0].shape)]
     elif name in ("getitem",):
         result = [_getitem(lay, x.shape, args[1])]
@@ -539,23 +554,7 @@ def propagate(
     return [_size_fix(r, o) for r, o in zip(result, outputs, strict=True)]
 
 
-_WINDOW_SAFE = {
-    "linear",
-    "permute",
-    "transpose",
-    "swapaxes",
-    "swapdims",
-    "movedim",
-    "reshape",
-    "view",
-    "flatten",
-    "unflatten",
-    "view_as",
-    "reshape_as",
-    "squeeze",
-    "unsqueeze",
-}
-_WINDOW_OK = SAME_LAYOUT | BINARY | _WINDOW_SAFE
+_WINDOW_OK = SAME_LAYOUT | BINARY | RESHAPES | PERMUTES | {"linear"}
 
 
 def _index(inputs: list[torch.Tensor], t: torch.Tensor) -> int:
