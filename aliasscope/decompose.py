@@ -332,6 +332,22 @@ def _is_zero_by_construction(op: OpRecord) -> bool:
     return op.exactly_equivariant or (op.pointwise_affine and all(lay == op.layout for lay in op.in_layouts))
 
 
+def _class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
+    """A class target as (n,) indices on the CPU, checked against ``classes``; None for "pred" or a
+    callable (they need no per-batch input)."""
+    if isinstance(target, str) or (callable(target) and not isinstance(target, torch.Tensor)):
+        return None
+    idx = torch.as_tensor(target).long().cpu()
+    idx = idx.expand(n) if idx.dim() == 0 else idx
+    if idx.shape != (n,) or (idx < 0).any() or (idx >= classes).any():
+        raise ValueError(f"target must be a class index in [0, {classes}) or one per image, got {target!r}")
+    return idx
+
+
+def _describe(idx: torch.Tensor) -> str:
+    return str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
+
+
 def _target_values(f: torch.Tensor, target: Target, check: bool = True) -> tuple[torch.Tensor, str]:
     """The scalar per image that is attributed, and a description. ``check=False`` (a class-index
     tensor already validated on this output) runs no host-device synchronisation (CUDA graphs)."""
@@ -352,15 +368,8 @@ def _target_values(f: torch.Tensor, target: Target, check: bool = True) -> tuple
             raise ValueError(f"unknown target {target!r}: use a class index, 'pred' or a callable")
         idx = f.detach().argmax(1)
         return f.gather(1, idx[:, None])[:, 0], "pred"
-    idx = torch.as_tensor(target, device=f.device).long()
-    if idx.dim() == 0:
-        idx = idx.expand(f.shape[0])
-    if idx.shape != (f.shape[0],) or (idx < 0).any() or (idx >= f.shape[1]).any():
-        raise ValueError(
-            f"target must be a class index in [0, {f.shape[1]}) or one per image, got {target!r}"
-        )
-    desc = str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
-    return f.gather(1, idx[:, None])[:, 0], desc
+    idx = _class_indices(target, f.shape[0], f.shape[1])
+    return f.gather(1, idx.to(f.device)[:, None])[:, 0], _describe(idx)
 
 
 def _last_uses(
@@ -581,22 +590,6 @@ def _use_cuda_graph(
     if reasons and cuda_graph:
         raise ValueError(f"cuda_graph=True cannot apply: {'; '.join(reasons)}")
     return not reasons
-
-
-def _class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
-    """A class target as (n,) indices on the CPU, checked against ``classes``; None for "pred" or a
-    callable (they need no per-batch input)."""
-    if isinstance(target, str) or (callable(target) and not isinstance(target, torch.Tensor)):
-        return None
-    idx = torch.as_tensor(target).long().cpu()
-    idx = idx.expand(n) if idx.dim() == 0 else idx
-    if idx.shape != (n,) or (idx < 0).any() or (idx >= classes).any():
-        raise ValueError(f"target must be a class index in [0, {classes}) or one per image, got {target!r}")
-    return idx
-
-
-def _describe(idx: torch.Tensor) -> str:
-    return str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
 
 
 def _decompose_graphed(
