@@ -309,6 +309,18 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
     return _make(tuple(out), layout)
 
 
+# window partition (Swin) and its reverse: split an axis into (window index, position in window),
+# fold the window indices into the batch and the in-window positions into one token dim, and back
+_WINDOW_SPLIT = {("h",): ("ho", "hi"), ("w",): ("wo", "wi")}
+_WINDOW_MERGE = {
+    ("b", "ho", "wo"): "bw",
+    ("ho", "wo"): "bw",  # a batch of one (its size-1 dim is dropped before matching)
+    ("hi", "wi"): "ni",
+    ("ho", "hi"): "h",
+    ("wo", "wi"): "w",
+}
+
+
 def _regroup(src: Roles, in_sizes: list[int], out_sizes: list[int], layout: Layout) -> list[str] | None:
     """Roles of ``out_sizes`` made from input dims of roles ``src`` (one matched group)."""
     if len(src) == 1 and len(out_sizes) == 1:
@@ -318,20 +330,10 @@ def _regroup(src: Roles, in_sizes: list[int], out_sizes: list[int], layout: Layo
         return [lead] + ["c"] * (len(out_sizes) - 1)
     if src == ("h", "w") and len(out_sizes) == 1:
         return ["n"]
-    # window partition (Swin) and its reverse: split an axis into (window index, position in window),
-    # fold the window indices into the batch and the in-window positions into one token dim, and back
-    split = {("h",): ["ho", "hi"], ("w",): ["wo", "wi"]}
-    merge = {
-        ("b", "ho", "wo"): "bw",
-        ("ho", "wo"): "bw",  # a batch of one (its size-1 dim is dropped before matching)
-        ("hi", "wi"): "ni",
-        ("ho", "hi"): "h",
-        ("wo", "wi"): "w",
-    }
-    if src in split and len(out_sizes) == 2 and min(out_sizes) > 1:
-        return split[src]
-    if src in merge and len(out_sizes) == 1:
-        return [merge[src]]
+    if src in _WINDOW_SPLIT and len(out_sizes) == 2 and min(out_sizes) > 1:
+        return list(_WINDOW_SPLIT[src])
+    if src in _WINDOW_MERGE and len(out_sizes) == 1:
+        return [_WINDOW_MERGE[src]]
     if layout.windowed:
         (gh, gw), (wh, ww) = layout.grid, layout.window
         if src == ("bw",) and len(out_sizes) == 3 and out_sizes[1:] == [gh // wh, gw // ww]:
