@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import PRETRAINED, analysis_parser, attribute, begin, model_and_images
+from common import PRETRAINED, analysis_parser, attribute, begin, each_model
 from scipy import stats
 
 from aliasscope import spectral
@@ -45,11 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     clock, out = begin(args)
     rows, per_model = [], {}
-    for name in PRETRAINED:
-        loaded = model_and_images(name, args.images, args.layer_images, device=args.device)
-        if loaded is None:
-            continue
-        model, x, _, _ = loaded
+    for name, model, x, _, _ in each_model(PRETRAINED, args.images, args.layer_images, device=args.device):
         dec = attribute(model, x, ["translate_x"])["translate_x"]
         sp = spectral(model, x[: args.spectral_images], upsample=4)
         share = dict(zip(dec.names, dec.shares().tolist(), strict=True))

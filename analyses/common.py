@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -72,6 +72,17 @@ def model_and_images(
                     m.weight.fill_(1.0)
     batch = load_images(images, pre, limit=num, every=spread(images, num))
     return model, batch.images.to(device), batch.labels, pre
+
+
+def each_model(
+    names: Sequence[str], images: str, num: int, pretrained: bool = True, device: str = "cpu"
+) -> Iterator[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None, object]]:
+    """``(name, model, images, labels, preprocessing)`` from :func:`model_and_images` for each of
+    ``names`` whose weights are installed (the others are skipped with a message)."""
+    for name in names:
+        loaded = model_and_images(name, images, num, pretrained=pretrained, device=device)
+        if loaded is not None:
+            yield (name, *loaded)
 
 
 def attribute(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import analysis_parser, attribute, begin, model_and_images
+from common import analysis_parser, attribute, begin, each_model
 from scipy import stats
 
 from aliasscope.plots import KIND_COLOURS, save_figure
@@ -66,11 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     clock, out = begin(args)
     rows, summary = [], {}
-    for name in MODELS:
-        loaded = model_and_images(name, args.images, args.num_images, device=args.device)
-        if loaded is None:
-            continue
-        model, x, _, _ = loaded
+    for name, model, x, _, _ in each_model(MODELS, args.images, args.num_images, device=args.device):
         per_gen = {}
         for g in GENERATORS:
             dec = attribute(model, x, ["translate_x"], generator=g, keep_maps=True)["translate_x"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import PRETRAINED, analysis_parser, begin, model_and_images, top1
+from common import PRETRAINED, analysis_parser, begin, each_model, top1
 from scipy import stats
 
 from aliasscope import equivariance_metrics
@@ -33,11 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     clock, out = begin(args)
     rows = []
-    for name in PRETRAINED:
-        loaded = model_and_images(name, args.images, args.num_images, device=args.device)
-        if loaded is None:
-            continue
-        model, x, labels, pre = loaded
+    for name, model, x, labels, pre in each_model(
+        PRETRAINED, args.images, args.num_images, device=args.device
+    ):
         acc = top1(model, x, labels, args.batch_size)
         files = [str(i) for i in range(len(x))]
         metrics = equivariance_metrics(
