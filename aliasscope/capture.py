@@ -17,8 +17,13 @@ and outputs have known layouts is recorded as one op instead. Ops on constants o
 buffers) are not ops: a parameter enters the analysis where it meets an activation (a position
 embedding add is where the embedding breaks equivariance).
 
-In-place ops (``ReLU(inplace=True)``, ``x += y``, ``x.mul_(g)``) run out of place while recording so
-that recorded activations keep their values; the model's parameters and flags are never touched.
+In-place writes (``ReLU(inplace=True)``, ``x += y``, ``x.mul_(g)``, ``x[i] = v``, ``out=``, writes
+through views) are recorded in functional form (:mod:`aliasscope.mutation`): the new value is computed
+into a new tensor, recorded as an op, and every later read of the written tensor -- or of a view
+sharing its memory, or of the base a written view belongs to -- is redirected to its current value.
+Recorded activations keep their values, and the recorded program computes exactly what the model
+computes. A module that writes into its own inputs is replayed on copies, and its written inputs
+become extra outputs of its op. The model's parameters and flags are never touched.
 
 Op kinds (:data:`KINDS`): ``nonlinearity``, ``downsampling``, ``upsampling``, ``normalisation``,
 ``attention``, ``patch_embed``, ``position_embed``, ``pooling``, ``linear`` (stride-1 convs, linear
@@ -40,9 +45,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .forward_mode import out_of_place
 from .layout_rules import ACTIVATIONS, NORMS, PERMUTES, RESHAPES, func_name, propagate
 from .layouts import BCHW, Layout
+from .mutation import Functionalizer, as_mutation
 
 __all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record", "select_ops"]
 
@@ -126,6 +131,20 @@ _METADATA = {
     "__get__",
     "element_size",
     "nelement",
+}
+_FACTORIES = {
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+    "randint_like",
+    "new_empty",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_tensor",
 }
 _PLAIN_BINARY = {
     torch.add,
@@ -275,7 +294,11 @@ def select_ops(
 
 
 class _Template:
-    """A call's arguments with the image-dependent tensors cut out, to call it again on new ones."""
+    """A call's arguments with the image-dependent tensors cut out, to call it again on new ones.
+
+    Only floating-point tensors are inputs: a mask or index computed from the image is piecewise
+    constant in it (zero derivative) and stays part of the call, as recorded.
+    """
 
     def __init__(self, args: tuple, kwargs: dict, dependent: Callable[[torch.Tensor], bool]) -> None:
         leaves, self.spec = tree_flatten((args, kwargs))
@@ -284,7 +307,7 @@ class _Template:
         self.inputs: list[torch.Tensor] = []
         self.positions: list[int] = []
         for pos, leaf in enumerate(self.leaves):
-            if isinstance(leaf, torch.Tensor) and dependent(leaf):
+            if isinstance(leaf, torch.Tensor) and dependent(leaf) and leaf.is_floating_point():
                 k = next((i for i, t in enumerate(self.inputs) if t is leaf), None)
                 if k is None:
                     self.inputs.append(leaf)
@@ -314,6 +337,12 @@ class _Call:
     last_op: int = -1
     needs_collapse: bool = False
     mixes_tokens: bool = False
+    in_writes: list[int] = field(default_factory=list)
+    tick: int = 0
+    log_start: int = 0
+    written_inputs: list[int] = field(default_factory=list)
+    extra_inputs: list[int] = field(default_factory=list)
+    writes_outside: bool = False
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -344,6 +373,13 @@ class Recording:
         self.alias_inputs = False
         self.alias_of: dict[int, torch.Tensor] = {}
         self._muted = False
+        # in-place writes run in functional form (recorded through _run); births of tensors tell
+        # which writes a module made into tensors older than its call
+        state = {id(t) for t in (*model.parameters(), *model.buffers())}
+        self._call_aliases: set[int] = set()
+        self.writes = Functionalizer(self._run, self.depends, state, canonical=self._behind_call_alias)
+        self._birth: dict[int, int] = {}
+        self._tick = 0
 
     # -- queries --------------------------------------------------------------------------------
     @property
@@ -382,6 +418,46 @@ class Recording:
     def _register(self, t: torch.Tensor, layout: Layout | None) -> None:
         self._slots[id(t)] = (t, layout)
 
+    # -- in-place writes in functional form ------------------------------------------------------
+    def _exec(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run a torch call as it is (not seen by the mode: the caller records it)."""
+        muted, self._muted = self._muted, True
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._muted = muted
+
+    def _run(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run and record one call (with private input aliases when asked for)."""
+        if self.alias_inputs and self._unit is None:
+            args, kwargs = self.alias_args(args, kwargs, call=True)
+        out = self._exec(func, args, kwargs)
+        self._tick += 1
+        ins = {id(t) for t in _tensors((args, kwargs))}
+        for o in _tensors(out):
+            if id(o) not in ins:  # a new tensor (ids of dead ones can come back: overwrite)
+                self._birth[id(o)] = self._tick
+        self.on_call(func, args, kwargs, out)
+        return out
+
+    def call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """One torch call of the model, as the mode hands it over."""
+        if func_name(func) in _METADATA:
+            return func(*args, **kwargs)
+        writes = self.writes
+        if writes.active:
+            args, kwargs = writes.resolve_all((args, kwargs))
+        m = as_mutation(func, args, kwargs)
+        if m is not None:
+            return writes.mutate(m, func, args, kwargs)
+        out = self._run(func, args, kwargs)
+        writes.track_views(func, args, kwargs, out)
+        return out
+
+    def _behind_call_alias(self, t: torch.Tensor) -> torch.Tensor:
+        """What a torch call's private alias stands for (other tensors as they are)."""
+        return self.original(t) if id(t) in self._call_aliases else t
+
     def start(self, x: torch.Tensor) -> None:
         self.input = x
         self._register(x, self.input_layout)
@@ -390,9 +466,11 @@ class Recording:
         """The activation a per-op input alias stands for (the tensor itself if not an alias)."""
         return self.alias_of.get(id(t), t)
 
-    def alias_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def alias_args(self, args: tuple, kwargs: dict, call: bool = False) -> tuple[tuple, dict]:
         """Give every image-dependent argument a private alias (a free view) for this call, so that
-        one backward pass yields the gradient reaching each op through each of its inputs."""
+        one backward pass yields the gradient reaching each op through each of its inputs. Aliases
+        for a torch call (``call=True``) are seen by that call alone; a module's are what its code
+        holds."""
         leaves, spec = tree_flatten((args, kwargs))
         made: dict[int, torch.Tensor] = {}
         for k, leaf in enumerate(leaves):
@@ -405,6 +483,9 @@ class Recording:
                         self._muted = False
                     self._register(alias, self.layout_of(leaf))
                     self.alias_of[id(alias)] = self.original(leaf)
+                    self.writes.alias(alias, leaf)
+                    if call:
+                        self._call_aliases.add(id(alias))
                     made[id(leaf)] = alias
                 leaves[k] = made[id(leaf)]
         if not made:
@@ -436,6 +517,8 @@ class Recording:
             template = _Template(*replaced, self.depends)
         call = _Call(path, module, parent, template, unit, len(self.ops), mixes_tokens=mixes)
         call.in_layouts = [self.layout_of(t) for t in template.inputs]
+        call.in_writes = [self.writes.count(t) for t in template.inputs]
+        call.tick, call.log_start = self._tick, len(self.writes.log)
         self._stack.append(call)
         self._calls.append(call)
         if unit:
@@ -454,6 +537,8 @@ class Recording:
         if module is self.model and not self._stack:
             self.output = output
         outs = [t for t in _tensors(output) if self.depends(t) or t.is_floating_point()]
+        self._note_writes(call, outs)
+        outs = outs + [self.writes.resolve(call.template.inputs[k]) for k in call.extra_inputs]
         layouts = []
         for t in outs:
             lay = self.overrides.get(call.path, self.layout_of(t))
@@ -476,6 +561,29 @@ class Recording:
             name = call.path if count == 0 else f"{call.path}#{count}"
             self._add_module_op(call, name, _kind_of_unit(call))
 
+    def _note_writes(self, call: _Call, outs: list[torch.Tensor]) -> None:
+        """Which of a module's inputs it wrote in place (those not returned become extra outputs of its
+        op), and whether it wrote into any older tensor that is neither one of its inputs nor a base
+        they are views of."""
+        writes = self.writes
+        if len(writes.log) == call.log_start:
+            return
+        inputs = call.template.inputs
+        call.written_inputs = [k for k, t in enumerate(inputs) if writes.count(t) != call.in_writes[k]]
+        call.extra_inputs = [
+            k for k in call.written_inputs if not any(writes.resolve(inputs[k]) is o for o in outs)
+        ]
+        roots = set().union(*(writes.lineage(t) for t in inputs)) if inputs else set()
+        call.writes_outside = any(
+            r not in roots and self._birth.get(r, 0) <= call.tick for r in writes.log[call.log_start :]
+        )
+        if call.unit and call.writes_outside:
+            raise NotImplementedError(
+                f"module {call.path!r} ({type(call.module).__name__}) writes in place into a tensor that is "
+                "neither one of its inputs nor made inside it; aliasscope records modules as functions of "
+                "their inputs: pass that tensor as an argument, or return it"
+            )
+
     def _boundary_layout(self, call: _Call, t: torch.Tensor) -> Layout | None:
         """An output layout from the module's input when the inside gave none: a module that keeps
         the shape keeps the layout; a map in, a map out (patch merging) keeps the roles; a (B, C)
@@ -494,10 +602,14 @@ class Recording:
 
     def _add_module_op(self, call: _Call, name: str, kind: str) -> None:
         module, template = call.module, call.template
+        written, extra = set(call.written_inputs), list(call.extra_inputs)
 
         def replay(*xs: torch.Tensor) -> Any:
+            if written:  # the module writes into these inputs: give it copies, return what it wrote
+                xs = tuple(x.clone() if k in written else x for k, x in enumerate(xs))
             args, kwargs = template.fill(xs)
-            return module(*args, **kwargs)
+            out = module(*args, **kwargs)
+            return (out, *(xs[k] for k in extra)) if extra else out
 
         self._append(
             name,
@@ -551,6 +663,8 @@ class Recording:
         )
 
     def on_call(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if func_name(func) in _FACTORIES:
+            return  # shaped like an activation, but its values do not depend on the image
         template = _Template(args, kwargs, self.depends)
         if not template.inputs:
             return
@@ -626,6 +740,13 @@ class Recording:
         # keep only outermost collapsed calls, then rebuild the op list
         chosen = [c for c in collapse.values() if not any(id(a) in collapse for a in _ancestors(c))]
         chosen.sort(key=lambda c: c.first_op)
+        for call in chosen:
+            if call.writes_outside:
+                raise NotImplementedError(
+                    f"module {call.path!r} must be recorded whole (its layouts are unknown), but it writes "
+                    "in place into a tensor that is neither one of its inputs nor made inside it; pass "
+                    "layouts={...} for its tensors so that its ops can be recorded one by one"
+                )
         new_ops: list[OpRecord] = []
         i = 0
         for call in chosen:
@@ -856,15 +977,9 @@ class _RecordMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        rec = self.rec
-        if rec._muted:
+        if self.rec._muted:
             return func(*args, **kwargs)
-        func, args, kwargs = out_of_place(func, args, kwargs)
-        if rec.alias_inputs and rec._unit is None and func_name(func) not in _METADATA:
-            args, kwargs = rec.alias_args(args, kwargs)
-        out = func(*args, **kwargs)
-        rec.on_call(func, args, kwargs, out)
-        return out
+        return self.rec.call(func, args, kwargs)
 
 
 @contextmanager
@@ -917,11 +1032,17 @@ def record(
             if not tensors:
                 raise ValueError("the model's forward got no tensor input to record")
             rec.start(tensors[0])
-        return rec.on_module_start(module, args, kwargs)
+        given = (args, kwargs)
+        resolved = rec.writes.resolve_all(given)  # inputs written in place earlier: their current values
+        replaced = rec.on_module_start(module, *resolved)
+        return replaced if replaced is not None or resolved is given else resolved
 
-    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if rec._stack and rec._stack[-1].module is module:
-            rec.on_module_end(module, output)
+            current = rec.writes.resolve_all(output)  # a module may return a tensor it wrote in place
+            rec.on_module_end(module, current)
+            return None if current is output else current
+        return None
 
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))

@@ -10,10 +10,11 @@ routes a few ops to :class:`torch.autograd.Function` s whose forward-mode rule i
   rule recomputes batch statistics' terms);
 * ``scaled_dot_product_attention``: decomposed into ``softmax(q k^T * scale + mask) v``, because
   the fused CPU/GPU kernels have no forward-mode rule at all;
-* in-place ops (``F.relu(x, inplace=True)``, ``ReLU6``, ``x += y``, ``x.mul_(g)``) run out of place
-  (:func:`out_of_place`): in forward mode an in-place op must first clone its input to keep it for
-  the tangent. The returned value is the same; only a caller that relies on the side effect would
-  notice.
+* ``out=`` calls (no forward-mode rule) run as the plain call copied into ``out``.
+
+In-place ops (``F.relu(x, inplace=True)``, ``x += y``, ``x.mul_(g)``, ``x[i] = v``) run as written:
+forward-mode AD updates the tangent of the mutated tensor and of every view of it, so the program
+differentiated is exactly the model's.
 
 Every other op keeps PyTorch's own forward-mode rule. Values are the same as plain autodiff (the
 rules are exact, not approximations); the mode is forward-only and meant for inference.
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .mutation import FunctionalMode, without_out
 
 __all__ = ["jvp"]
 
@@ -112,62 +115,9 @@ def _sdpa_math(
     return scores.softmax(dim=-1) @ value
 
 
-_INPLACE_ACTIVATIONS = {
-    f: inspect.signature(f)
-    for f in (
-        F.relu,
-        F.relu6,
-        F.hardtanh,
-        F.elu,
-        F.selu,
-        F.celu,
-        F.leaky_relu,
-        F.silu,
-        F.mish,
-        F.hardswish,
-        F.hardsigmoid,
-        F.threshold,
-    )
-}
 _CONV_SIGNATURE = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVS = {F.conv1d, F.conv2d, F.conv3d}
 _BN_SIGNATURE = inspect.signature(F.batch_norm)
-
-
-_INPLACE_DUNDERS = {
-    "__iadd__": "__add__",
-    "__isub__": "__sub__",
-    "__imul__": "__mul__",
-    "__itruediv__": "__truediv__",
-    "__ifloordiv__": "__floordiv__",
-    "__ipow__": "__pow__",
-    "__imatmul__": "__matmul__",
-}
-_KEEP_INPLACE = {"requires_grad_", "retain_grad", "share_memory_", "set_", "resize_", "record_stream"}
-
-
-def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
-    """The out-of-place twin of an in-place call (``x.add_(y)`` -> ``x.add(y)``, ``x += y`` ->
-    ``x + y``, ``F.relu(x, inplace=True)`` -> ``F.relu(x)``); other calls pass through unchanged.
-
-    Callers that use the returned value see the same result; only code that relies on the side
-    effect would notice.
-    """
-    if func in _INPLACE_ACTIVATIONS:
-        bound = _INPLACE_ACTIVATIONS[func].bind(*args, **kwargs)
-        if bound.arguments.get("inplace"):
-            bound.arguments["inplace"] = False
-            return func, bound.args, bound.kwargs
-        return func, args, kwargs
-    name = getattr(func, "__name__", "")
-    if name in _INPLACE_DUNDERS:
-        return getattr(torch.Tensor, _INPLACE_DUNDERS[name]), args, kwargs
-    if name.endswith("_") and not name.startswith("_") and name not in _KEEP_INPLACE:
-        if getattr(torch.Tensor, name, None) is func and hasattr(torch.Tensor, name[:-1]):
-            return getattr(torch.Tensor, name[:-1]), args, kwargs
-        if getattr(torch, name, None) is func and hasattr(torch, name[:-1]):
-            return getattr(torch, name[:-1]), args, kwargs
-    return func, args, kwargs
 
 
 def _bind(names: tuple[str, ...], defaults: tuple, args: tuple, kwargs: dict) -> list:
@@ -198,7 +148,9 @@ class _FastJvpMode(TorchFunctionMode):
                 )
         if func is F.scaled_dot_product_attention:
             return _sdpa_math(*args, **kwargs)
-        func, args, kwargs = out_of_place(func, args, kwargs)
+        rewritten = without_out(func, args, kwargs)
+        if rewritten is not None:
+            func, args, kwargs = rewritten
         return func(*args, **kwargs)
 
 
@@ -214,4 +166,32 @@ def jvp(fn: Callable[..., Any], primal: Any, tangent: Any) -> tuple[Any, Any]:
         # torch's first forward-mode call loads decompositions through torch.jit.script, which is
         # deprecated upstream; the warning says nothing about the user's code
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        return torch.func.jvp(fn, primals, tangents)
+        try:
+            return torch.func.jvp(fn, primals, tangents)
+        except RuntimeError as err:
+            if not _refused_write(err):
+                raise
+        # forward-mode AD refused an in-place write (into a view made by split/chunk/unbind, or
+        # into a tensor captured from outside): run every write in functional form instead
+        functional = FunctionalMode()
+
+        def pure(*xs: Any) -> Any:
+            with functional:
+                return functional.result(fn(*xs))
+
+        return torch.func.jvp(pure, primals, tangents)
+
+
+def _refused_write(err: RuntimeError) -> bool:
+    """Is this forward-mode AD's refusal of an in-place write (not an error of the model)?"""
+    text = str(err)
+    return any(
+        s in text
+        for s in (
+            "is a view and is being modified inplace",
+            "is being modified inplace",
+            "mutate a captured Tensor",
+            "in-place operation",
+            "inplace operation",
+        )
+    )
