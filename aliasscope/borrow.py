@@ -126,6 +126,14 @@ def check_images(images: torch.Tensor, model: nn.Module | None = None) -> torch.
             f"the model expects {want} input channels, but images have shape {tuple(images.shape)}"
         )
     dtype, device = _param_dtype_device(model)
+    half = {torch.float16, torch.bfloat16}
+    if images.dtype in half or dtype in half:
+        raise ValueError(
+            f"aliasscope computes in float32 or float64, but the {'model' if dtype in half else 'images'} "
+            f"{'is' if dtype in half else 'are'} {dtype if dtype in half else images.dtype}: half precision "
+            "has 8-11 mantissa bits, too few for derivatives and completeness checks (errors of several "
+            "percent, reported as exact); pass model.float() and images.float()"
+        )
     if dtype is not None and dtype != images.dtype:
         raise ValueError(
             f"images are {images.dtype} but the model's parameters are {dtype}: convert one of them "

@@ -358,6 +358,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     spectrum = spectral_rows = None
     if args.layerwise:
         summary["layerwise"] = _layerwise(args, model, images, out, layer_rows, decs)
+    summary["checks"] = _checks(decs)
     if args.spectral:
         summary["spectral"], spectrum, spectral_rows = _spectral(args, model, images, out, layer_rows)
     if args.report:
@@ -455,6 +456,13 @@ def _figures(
     return paths
 
 
+def _checks(decs: dict[str, Any]) -> dict[str, Any]:
+    """The run's verdict: every self-check of every decomposition (see ``aliasscope.decompose.CHECKS``)."""
+    failures = [line for d in decs.values() for line in d.failures()]
+    ran = sorted({name for d in decs.values() for name in d.checks})
+    return {"passed": not failures, "failures": failures, "ran": ran}
+
+
 def _parse_target(text: str) -> int | str | None:
     if text == "all":
         return None
@@ -541,6 +549,9 @@ def _layerwise(
         decs[name] = d
         rows.extend({"transform": name, **r} for r in d.table)
         result[name] = {
+            "checks": dict(d.checks),
+            "passed": d.passed,
+            "failures": d.failures(),
             "completeness_error": d.completeness_error,
             "num_ops": d.num_ops,
             "target": d.target,

@@ -25,7 +25,9 @@ forward by jvp instead, and there the check also covers each op's replay.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +41,41 @@ from .capture import KINDS, OpRecord, _tensors, record
 from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout, window_grid
-from .lie import Output, _output_fn, lie_derivative
+from .lie import Output, _output_fn, finite_difference, lie_derivative
 from .results import rows_to_csv, save_text, to_json_text
 from .transforms import get_transform
 
-__all__ = ["decompose", "Decomposition", "local_lie_derivative"]
+__all__ = [
+    "decompose",
+    "Decomposition",
+    "local_lie_derivative",
+    "CHECKS",
+    "TOLERANCES",
+    "SelfCheckWarning",
+]
 
 Target = int | Sequence[int] | torch.Tensor | str | Callable[[torch.Tensor], torch.Tensor]
+
+CHECKS: dict[str, str] = {
+    "completeness": "||total - sum_i c_i|| / max(||total||, ||sum_i |c_i| ||): the ops account for the total",
+    "total_vs_jvp": "||total - L_jvp|| / max(||total||, ||L_jvp||), L_jvp the Lie derivative of the same "
+    "target by an independent forward-mode jvp of the model as written",
+    "total_vs_fd": "||total - L_fd|| / max(||total||, ||L_fd||), L_fd by float64 finite differences "
+    "(Richardson-extrapolated) of the model as written, on a float64 copy (verify='fd')",
+}
+"""The self-checks every :class:`Decomposition` carries, by name."""
+
+TOLERANCES: dict[torch.dtype, float] = {torch.float64: 1e-7, torch.float32: 1e-3}
+"""Largest value of every check that passes, by the dtype the decomposition ran in (float32 without
+TF32: contributions of ~1e-7 relative rounding summed over hundreds of ops, and two independent
+routes to the total; a wrong program is off by O(1))."""
+
+FD_TOLERANCE = 1e-5
+"""Smallest tolerance of the finite-difference check (``verify="fd"``)."""
+
+
+class SelfCheckWarning(UserWarning):
+    """A result failed one of its own checks: its numbers are not a finding."""
 
 
 @dataclass
@@ -85,6 +115,30 @@ class Decomposition:
     maps: dict[str, torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     layout_objects: list[Layout] = field(default_factory=list, repr=False)
+    checks: dict[str, float] = field(default_factory=dict)
+    tolerance: float = math.nan
+
+    @property
+    def passed(self) -> bool:
+        """Whether every self-check ran and held (see :data:`CHECKS`); False when none ran."""
+        return bool(self.checks) and all(
+            math.isfinite(v) and v <= self.limit(k) for k, v in self.checks.items()
+        )
+
+    def limit(self, check: str) -> float:
+        """The tolerance of one check: :attr:`tolerance`, at least :data:`FD_TOLERANCE` for finite
+        differences (their own error is ~1e-8 to 1e-7 relative in float64)."""
+        return max(self.tolerance, FD_TOLERANCE) if check == "total_vs_fd" else self.tolerance
+
+    def failures(self) -> list[str]:
+        """One line per failed self-check (empty when all passed)."""
+        if not self.checks:
+            return [f"{self.transform}: no self-check ran"]
+        return [
+            f"{self.transform}: {name} = {value:.2e} > tolerance {self.limit(name):.0e} ({CHECKS[name]})"
+            for name, value in self.checks.items()
+            if not (math.isfinite(value) and value <= self.limit(name))
+        ]
 
     def spatial_map(self, name: str) -> torch.Tensor:
         """(B, H, W): the contribution map of op ``name`` (``keep_maps=True``) summed over channels, on
@@ -147,7 +201,14 @@ class Decomposition:
 
     def summary(self, k: int = 10) -> str:
         """A text table: completeness, shares by kind and the top ``k`` ops."""
+        checks = ", ".join(f"{k} {v:.1e}" for k, v in self.checks.items())
+        verdict = (
+            f"self-checks passed ({checks}; tolerance {self.tolerance:.0e})"
+            if self.passed
+            else "SELF-CHECK FAILED, these numbers are not a finding: " + "; ".join(self.failures())
+        )
         lines = [
+            verdict,
             f"Lie derivative decomposition: {self.transform}, {self.generator} generator, "
             f"target {self.target}, {self.values.shape[1]} images, {self.num_ops} ops",
             f"total (mean over images) {self.total.mean().item():+.4e}; completeness error "
@@ -193,6 +254,8 @@ class Decomposition:
             else None,
             extra=dict(first.extra),
             layout_objects=list(first.layout_objects),
+            checks={k: _worst([p.checks.get(k, math.nan) for p in parts]) for k in first.checks},
+            tolerance=first.tolerance,
         )
 
     def to_csv(self, path: str | None = None) -> str:
@@ -211,6 +274,9 @@ class Decomposition:
             "total": self.total.tolist(),
             "unattributed": self.unattributed.tolist(),
             "completeness_error": self.completeness_error,
+            "checks": dict(self.checks),
+            "tolerance": self.tolerance,
+            "passed": self.passed,
             "by_kind": self.by_kind(),
             "ops": self.table,
             **self.extra,
@@ -219,6 +285,11 @@ class Decomposition:
     def to_json(self, path: str | None = None) -> str:
         """:meth:`to_dict` as JSON (NaN written as null; written to ``path`` if given)."""
         return save_text(to_json_text(self.to_dict()), path)
+
+
+def _worst(values: Sequence[float]) -> float:
+    """The largest value, NaN if any is NaN (a check that did not run on a part did not run)."""
+    return math.nan if any(not math.isfinite(v) for v in values) else max(values)
 
 
 class _DCache:
@@ -346,6 +417,20 @@ def _class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
 
 def _describe(idx: torch.Tensor) -> str:
     return str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
+
+
+def _picker(f: torch.Tensor, target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from the output to the attributed scalar per image, classes fixed as chosen on ``f``
+    (``"pred"``: each image's top class here), for the independent checks of the total."""
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return target
+    if isinstance(target, str):
+        idx = f.detach().argmax(1)
+    elif isinstance(target, torch.Tensor) and target.dim() == 1 and target.device == f.device:
+        idx = target
+    else:
+        idx = _class_indices(target, f.shape[0], f.shape[1]).to(f.device)
+    return lambda out: out.gather(1, idx.to(out.device)[:, None])[:, 0]
 
 
 def _target_values(f: torch.Tensor, target: Target, check: bool = True) -> tuple[torch.Tensor, str]:
@@ -494,6 +579,7 @@ class _ScalarPass:
     signs: list[float]
     maps: dict[str, torch.Tensor]
     target: str
+    f: torch.Tensor | None = None  # the output (detached): picks the attributed scalar for the checks
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values (ops, B), total (B,))`` in float64 on the CPU, summed in float64."""
@@ -569,7 +655,7 @@ def _scalar_pass(
         del cache
         b = x.shape[0]
         stacked = torch.stack(dots) if dots else x.new_zeros((0, b))
-    return _ScalarPass(rec, stacked, rows, signs, maps, tdesc)
+    return _ScalarPass(rec, stacked, rows, signs, maps, tdesc, f.detach())
 
 
 def _use_cuda_graph(
@@ -608,20 +694,27 @@ def _decompose_graphed(
     keep_maps: bool,
     batch_size: int,
     progress: bool,
+    verify: str | None,
 ) -> list[Decomposition]:
     """Exact scalar decompositions of every full batch by one captured CUDA graph (see
     ``decompose(cuda_graph=)``); an empty list when capture fails or its replay disagrees with the
-    eager pass (the caller then decomposes eagerly)."""
-    import warnings
-
+    eager pass (the caller then decomposes eagerly). Each batch is checked eagerly (``verify``)."""
     bs = batch_size
     n_full = images.shape[0] // bs
     settings = {"transform": transform, "generator": generator, "output": output, "method": "exact"}
 
-    def finish(sp: _ScalarPass, values: torch.Tensor, total: torch.Tensor, desc: str, maps) -> Decomposition:
+    def finish(sp: _ScalarPass, values: torch.Tensor, total: torch.Tensor, desc: str, maps, k: int):
+        sl = slice(k * bs, (k + 1) * bs)
+        batch_target = idx[sl].to(images.device) if idx is not None else target
+        checks, tolerance = _self_checks(
+            model, images[sl], transform, output=output, generator=generator, total=total,
+            summed=values.sum(0), magnitude=values.abs().sum(0), pick=_picker(sp.f, batch_target),
+            independent_total=False, verify=verify,
+        )  # fmt: skip
         return _result(
             sp.rec, select, values, total, values.sum(0), vectors=None, estimator=False,
-            keep_vectors=False, target=desc, maps=maps, extra={"cuda_graph": True}, **settings,
+            keep_vectors=False, target=desc, maps=maps, extra={"cuda_graph": True}, checks=checks,
+            tolerance=tolerance, **settings,
         )  # fmt: skip
 
     with borrowed(model):
@@ -664,7 +757,7 @@ def _decompose_graphed(
                 stacklevel=3,
             )
             return []
-        parts = [finish(static, eager_values, eager_total, first_desc, eager_maps if keep_maps else None)]
+        parts = [finish(static, eager_values, eager_total, first_desc, eager_maps if keep_maps else None, 0)]
         for k in tqdm(range(1, n_full), desc="batches (CUDA graph)", disable=not progress):
             sl = slice(k * bs, (k + 1) * bs)
             static_x.copy_(images[sl])
@@ -674,9 +767,76 @@ def _decompose_graphed(
             values, total = static.read()
             maps = {name: m.clone() for name, m in static.maps.items()} if keep_maps else None
             desc = _describe(idx[sl]) if idx is not None else first_desc
-            parts.append(finish(static, values, total, desc, maps))
+            parts.append(finish(static, values, total, desc, maps, k))
         del graph, static
     return parts
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float | None = None) -> float:
+    """``||a - b|| / max(||a||, ||b||, scale)`` in float64 (0 when all vanish)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    den = max(a.norm().item(), b.norm().item(), float(scale) if scale is not None else 0.0)
+    return 0.0 if den == 0 else (a - b).norm().item() / den
+
+
+def _self_checks(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str,
+    *,
+    output: Output,
+    generator: str,
+    total: torch.Tensor,
+    summed: torch.Tensor | None,
+    magnitude: torch.Tensor | None,
+    pick: Callable[[torch.Tensor], torch.Tensor] | None,
+    independent_total: bool,
+    verify: str | None,
+) -> tuple[dict[str, float], float]:
+    """The checks of one batch (see :data:`CHECKS`) and their tolerance.
+
+    ``total`` came from the decomposition's own pass; ``independent_total`` says it already is an
+    end-to-end jvp (the whole-output route), else one is computed here. ``pick`` maps the output to
+    the attributed scalar (None: the whole output).
+    """
+    checks: dict[str, float] = {}
+    tolerance = TOLERANCES.get(images.dtype, 1e-3)
+    if summed is not None:
+        scale = magnitude.double().norm().item() if magnitude is not None else None
+        checks["completeness"] = _relative(total, summed, scale)
+    if verify is None:
+        return checks, tolerance
+
+    def reference(net: nn.Module, x: torch.Tensor, how: str) -> torch.Tensor:
+        head = _output_fn(output)
+        if how == "jvp":
+            whole = lie_derivative(net, x, transform, output=output, generator=generator)
+        else:
+            whole = finite_difference(net, x, transform, output=output, generator=generator)
+        if pick is None:
+            return whole
+        with torch.no_grad():
+            y = net(x)
+            f = head(y) if head is not None else y
+            _, lin = torch.func.jvp(pick, (f,), (whole.to(f.dtype),))  # dT/dF . L_X F
+        return lin
+
+    if not independent_total:
+        checks["total_vs_jvp"] = _relative(total, reference(model, images, "jvp"))
+    if verify == "fd":
+        net64 = model if images.dtype == torch.float64 else copy.deepcopy(model).double()
+        checks["total_vs_fd"] = _relative(total, reference(net64, images.double(), "fd"))
+    return checks, tolerance
+
+
+def _warn_failed(dec: Decomposition) -> None:
+    if not dec.passed:
+        warnings.warn(
+            "decomposition failed its self-check, its numbers are not a finding: "
+            + "; ".join(dec.failures()),
+            SelfCheckWarning,
+            stacklevel=3,
+        )
 
 
 def decompose(
@@ -698,6 +858,8 @@ def decompose(
     progress: bool = False,
     batch_size: int | None = None,
     cuda_graph: bool | None = None,
+    verify: str | None = "jvp",
+    _warn: bool = True,
 ) -> Decomposition:
     """Attribute the Lie derivative of ``output(model(x))`` to every op of the model.
 
@@ -745,6 +907,12 @@ def decompose(
         checked against its eager decomposition; if capture fails or they differ (a model whose
         graph depends on the data), it warns and decomposes eagerly. ``None`` (default): on when it
         applies (at least two full batches); ``False``: never. Holds one extra batch's activations.
+    verify:
+        The self-checks beyond completeness (:data:`CHECKS`, tolerances :data:`TOLERANCES`):
+        ``"jvp"`` (default) compares the total with an independent forward-mode jvp of the model as
+        written (about two more forward passes); ``"fd"`` adds float64 finite differences on a float64
+        copy of the model (slow; meant for checking a model once); ``None`` only completeness. A failed
+        check warns (:class:`SelfCheckWarning`) and :attr:`Decomposition.passed` is False.
     """
     get_transform(transform)
     get_generator(generator)
@@ -752,6 +920,8 @@ def decompose(
         raise ValueError(f"unknown method {method!r}; valid: 'exact', 'probe'")
     if method == "probe" and target is not None:
         raise ValueError("method='probe' estimates the norm of the whole output vector: use target=None")
+    if verify not in ("jvp", "fd", None):
+        raise ValueError(f"verify must be 'jvp', 'fd' or None, got {verify!r}")
     images = check_images(images, model)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -775,9 +945,10 @@ def decompose(
                 keep_maps=keep_maps,
                 batch_size=batch_size,
                 progress=progress,
+                verify=verify,
             )
         done = len(graphed) * batch_size
-        return Decomposition.concat(
+        joined = Decomposition.concat(
             graphed
             + [
                 decompose(
@@ -797,10 +968,14 @@ def decompose(
                     seed=seed,
                     progress=progress,
                     cuda_graph=False,
+                    verify=verify,
+                    _warn=False,
                 )
                 for i in range(done, images.shape[0], batch_size)
             ]
         )
+        _warn_failed(joined)
+        return joined
     head = _output_fn(output)
     vector = target is None
     with borrowed(model):
@@ -810,7 +985,7 @@ def decompose(
             scalar = _scalar_pass(
                 model, images, head, target, transform, generator, layouts, units, keep_maps, progress
             )
-            rec, maps, tdesc = scalar.rec, scalar.maps, scalar.target
+            rec, maps, tdesc, scalar_f = scalar.rec, scalar.maps, scalar.target, scalar.f
             values, total = scalar.read()
             summed = values.sum(0)
             del scalar
@@ -872,12 +1047,27 @@ def decompose(
             values = (sq / num_probes).sqrt().cpu()
             summed = None
             extra["num_probes"] = num_probes
-    return _result(
+    checks, tolerance = _self_checks(
+        model,
+        images,
+        transform,
+        output=output,
+        generator=generator,
+        total=total,
+        summed=summed,
+        magnitude=values.abs().sum(0) if summed is not None else None,
+        pick=None if vector else _picker(scalar_f, target),
+        independent_total=vector,
+        verify=verify,
+    )
+    dec = _result(
         rec,
         select,
         values,
         total,
         summed,
+        checks=checks,
+        tolerance=tolerance,
         vectors=vectors if vector and method == "exact" else None,
         estimator=vector and method == "probe",
         keep_vectors=keep_maps,
@@ -889,6 +1079,9 @@ def decompose(
         maps=maps if keep_maps else None,
         extra=extra,
     )
+    if _warn and method != "probe":  # an estimator has no check to run (passed stays False)
+        _warn_failed(dec)
+    return dec
 
 
 def _result(
@@ -908,6 +1101,8 @@ def _result(
     method: str,
     maps: dict[str, torch.Tensor] | None,
     extra: dict[str, Any],
+    checks: dict[str, float] | None = None,
+    tolerance: float = math.nan,
 ) -> Decomposition:
     """The :class:`Decomposition` of one batch: the selected ops' rows, completeness and remainder."""
     ops = rec.ops
@@ -943,4 +1138,6 @@ def _result(
         target=target,
         maps={k: v for k, v in maps.items() if k in set(names)} if maps else None,
         extra={"method": method, "kinds_doc": {k: KINDS[k] for k in sorted(set(rec.kinds))}, **extra},
+        checks=dict(checks or {}),
+        tolerance=tolerance,
     )
