@@ -336,12 +336,13 @@ class OutputFolder:
         try:
             self._tidy()
             self.replaces = self._check_target()
+            self._started, self._t0 = _now(), time.time()
             self.path.mkdir()
-        except BaseException:
+            self.state = "open"
+        except BaseException:  # also a Ctrl-C that comes before the with block holds the folder
+            shutil.rmtree(self.path, ignore_errors=True)  # _tidy removed any earlier one: this one is ours
             self.lock.release()
             raise
-        self.state = "open"
-        self._started, self._t0 = _now(), time.time()
         return self
 
     def _leftovers(self) -> list[Path]:

@@ -337,30 +337,6 @@ def test_a_run_into_a_busy_folder_exits_2(tmp_path: Path, capsys, monkeypatch) -
     assert cli.main(_argv(tmp_path, *LEAN)) == 0  # free again
 
 
-def test_a_busy_folder_names_the_other_process(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "out"
-    code = (
-        "import sys\nfrom aliasscope.output import OutputLock\n"
-        f"lock = OutputLock({str(tmp_path / '.out.lock')!r}).acquire()\n"
-        "print('held', flush=True)\nsys.stdin.read()\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert cli.main(_argv(tmp_path, *LEAN)) == 2
-        err = capsys.readouterr().err
-        assert f"another aliasscope run (pid {holder.pid}) is writing into {out};" in err
-    finally:
-        holder.communicate("")
-    assert cli.main(_argv(tmp_path, *LEAN)) == 0  # its process gone, the lock is free
-
-
 @pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-an-earlier-output"])
 def test_ctrl_c_mid_run_exits_130_and_leaves_the_folder_as_it_was(
     tmp_path: Path, capsys, monkeypatch, earlier: bool
@@ -452,7 +428,7 @@ def test_fix_writes_its_folder_the_same_way(tmp_path: Path, capsys) -> None:
     assert json.loads((out / MANIFEST).read_text())["argv"][:2] == ["aliasscope", "fix"]
 
 
-def test_ctrl_c_on_a_real_run_leaves_the_earlier_output(tmp_path: Path) -> None:
+def test_a_real_run_locks_its_folder_and_ctrl_c_leaves_the_earlier_output(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert cli.main(_argv(tmp_path, *LEAN)) == 0
     before = _snapshot(out)
@@ -475,6 +451,9 @@ def test_ctrl_c_on_a_real_run_leaves_the_earlier_output(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the run never created its partial folder"
             time.sleep(0.005)
+        capsys.readouterr()
+        assert cli.main(_argv(tmp_path, *LEAN)) == 2  # a second run, here, while that one is writing
+        assert f"another aliasscope run (pid {proc.pid}) is writing into {out};" in capsys.readouterr().err
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
