@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .generators import generator_names
-from .results import rows_to_csv, to_json_text
+from .output import Interrupted, OutputFolder, interrupted_message, output_folder
 from .transforms import transform_names
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -222,6 +222,20 @@ def _parse_fixes(specs: list[str] | None) -> list[list[str]]:
 
 def fix_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``aliasscope fix``; returns the comparison JSON it writes."""
+    start = time.perf_counter()
+    chains = _parse_fixes(args.fixes)
+    with output_folder(args.out, command=_command_line(args)) as out:
+        text = _fix_into(out, args, chains)
+        out.commit()
+        if args.json:
+            print(text)
+        elif not args.quiet:
+            print(f"wrote {out.describe()} into {out.display}/ ({time.perf_counter() - start:.1f} s)")
+    return json.loads(text)
+
+
+def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str]]) -> str:
+    """The work of ``aliasscope fix`` into the open output folder; returns comparison.json's text."""
     from dataclasses import replace
 
     from .compare import compare
@@ -229,10 +243,10 @@ def fix_command(args: argparse.Namespace) -> dict[str, Any]:
     from .fixes import apply_fixes, changes
     from .plots import plot_comparison
 
-    chains = _parse_fixes(args.fixes)
     model, preprocess = _load(args)
     wide = replace(preprocess, crop=preprocess.crop + 32, resize=max(preprocess.resize, preprocess.crop + 32))
     batch = load_images(args.images, wide, limit=args.num_images, every=args.every)
+    _record(out, args, model, len(batch))
     batch.images = batch.images.to(_dtype(args))
     example = batch.images[:1, :, 16:-16, 16:-16].to(args.device)
     options = {
@@ -262,20 +276,15 @@ def fix_command(args: argparse.Namespace) -> dict[str, Any]:
         preprocess=repr(wide),
         versions=_versions(),
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.to_csv(out / "comparison.csv")
-    text = result.to_json(out / "comparison.json")
-    rows_to_csv(
-        [{"variant": n, **c.as_dict()} for n, m in models.items() for c in changes(m)], out / "changes.csv"
+    out.write_csv("comparison.csv", result.rows)
+    text = out.write_json("comparison.json", json.loads(result.to_json()))
+    out.write_csv(
+        "changes.csv", [{"variant": n, **c.as_dict()} for n, m in models.items() for c in changes(m)]
     )
     plot_comparison(result, out / "comparison")
-    if args.json:
-        print(text)
-    elif not args.quiet:
+    if not args.json and not args.quiet:
         print(result.summary())
-        print(f"wrote {out}/comparison.csv, comparison.json, changes.csv, comparison.png/svg")
-    return json.loads(text)
+    return text
 
 
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
@@ -297,6 +306,30 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The command line of this run (as given to :func:`main`, else this process's)."""
+    argv = getattr(args, "argv", None)
+    return ["aliasscope", *(sys.argv[1:] if argv is None else argv)]
+
+
+def _record(out: OutputFolder, args: argparse.Namespace, model: torch.nn.Module, num_images: int) -> None:
+    """The run's provenance (every CSV's constant columns, every JSON's "provenance" object, the manifest)."""
+    from .models import weights_source
+
+    out.provenance.update(
+        model=args.model,
+        weights=weights_source(model),
+        images=str(Path(args.images).resolve()) if args.images else "scikit-image bundled photos",
+        num_images=num_images,
+        generator=args.generator,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        aliasscope_version=__version__,
+    )
+    out.versions.update(_versions())
+
+
 def _load(args: argparse.Namespace):
     """Check the device, seed the generators, load the model (in ``--dtype``) and its preprocessing."""
     from .models import load_model
@@ -316,10 +349,23 @@ def _dtype(args: argparse.Namespace) -> torch.dtype:
 
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``aliasscope diagnose``; returns the summary it writes."""
+    start = time.perf_counter()
+    with output_folder(args.out, command=_command_line(args)) as out:
+        summary, text, metrics = _diagnose_into(out, args, start)
+        out.commit()
+        if args.json:
+            print(text)
+        elif not args.quiet:
+            _print_summary(args, summary, metrics, out, start)
+    return summary
+
+
+def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
+    """The work of ``aliasscope diagnose`` into the open output folder; returns the summary, its JSON
+    text and the end-to-end metrics."""
     from .data import load_images
     from .lie import equivariance_metrics
 
-    start = time.perf_counter()
     model, preprocess = _load(args)
     batch = load_images(args.images, preprocess, limit=args.num_images, every=args.every)
     batch.images = batch.images.to(_dtype(args))
@@ -333,9 +379,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics.to_csv(out / "metrics.csv")
+    _record(out, args, model, len(batch))
+    out.write_csv("metrics.csv", metrics.per_image())
     summary: dict[str, Any] = {
         "model": args.model,
         "pretrained": bool(args.pretrained),
@@ -366,24 +411,20 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out
         )
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    text = to_json_text(summary)  # strict JSON: NaN (a measure that does not apply) written as null
-    (out / "summary.json").write_text(text, encoding="utf-8")
+    # strict JSON: NaN (a measure that does not apply) written as null; a "provenance" object added
+    text = out.write_json("summary.json", summary)
     if args.report:
         from .report import write_report
 
-        write_report(out / "report.html", summary, figures)
-    if args.json:
-        print(text)
-    elif not args.quiet:
-        _print_summary(args, summary, metrics, out, start)
-    return summary
+        write_report(out / "report.html", summary, figures, files=[*out.written(), "manifest.json"])
+    return summary, text, metrics
 
 
-def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: Path, start: float) -> None:
+def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: OutputFolder, start: float) -> None:
     """The one-screen text summary at the end of ``diagnose``."""
     print(
-        f"\nmodel {args.model} ({'pretrained' if args.pretrained else 'random init'}), "
-        f"{summary['num_images']} images, {args.device}"
+        f"\nmodel {args.model}, {summary['provenance']['weights']}, {summary['num_images']} images, "
+        f"{args.device}"
     )
     print(metrics.summary())
     if summary["top1"] is not None:
@@ -394,14 +435,11 @@ def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: Path, 
         print()
         for line in advice(summary):
             print(re.sub(r"</?(code|b)>", "", line))
-    names = ("report.html", "metrics.csv", "layers.csv", "spectral.csv", "summary.json")
-    written = ", ".join(n for n in names if (out / n).exists())
-    figs = " and figures/" if (out / "figures").exists() else ""
-    print(f"\nwrote {written}{figs} into {out}/ ({time.perf_counter() - start:.1f} s)")
+    print(f"\nwrote {out.describe()} into {out.display}/ ({time.perf_counter() - start:.1f} s)")
 
 
 def _figures(
-    args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out: Path
+    args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out: OutputFolder
 ) -> dict[str, Path]:
     """Every figure of the report into ``out/figures``; returns {key: png path}."""
     import matplotlib
@@ -475,7 +513,11 @@ def _parse_target(text: str) -> int | str | None:
 
 
 def _spectral(
-    args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, out: Path, layer_rows: list[dict]
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    out: OutputFolder,
+    layer_rows: list[dict],
 ) -> tuple[dict[str, Any], Any, list[dict]]:
     """Aliasing per op joined with its Lie-derivative share; writes spectral.csv; returns the summary
     part, the Spectrum and the joined rows."""
@@ -503,7 +545,7 @@ def _spectral(
         # ranking them would only inflate the correlation
         if alias == alias and share == share and alias > 1e-9:
             pairs.append((share, alias))
-    rows_to_csv(rows, out / "spectral.csv")
+    out.write_csv("spectral.csv", rows)
     join: dict[str, Any] = {"ops": len(pairs), "spearman_rho": None, "p_value": None}
     if len(pairs) >= 3:
         res = stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
@@ -524,7 +566,7 @@ def _layerwise(
     args: argparse.Namespace,
     model: torch.nn.Module,
     images: torch.Tensor,
-    out: Path,
+    out: OutputFolder,
     rows: list[dict],
     decs: dict[str, Any],
 ) -> dict[str, Any]:
@@ -558,16 +600,22 @@ def _layerwise(
             "by_kind": d.by_kind(),
             "top": d.top(10),
         }
-    rows_to_csv(rows, out / "layers.csv")
+    out.write_csv("layers.csv", rows)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aliasscope`` console script; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: the output folder was left as it was (or is complete)
+        message = err.message if isinstance(err, Interrupted) else interrupted_message(args.out)
+        print(f"aliasscope: {message}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, ImportError, KeyError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"aliasscope: error: {message}", file=sys.stderr)

@@ -272,9 +272,9 @@ class EquivarianceMetrics:
     def __str__(self) -> str:
         return self.summary()
 
-    def to_csv(self, path: str | None = None) -> str:
-        """Per-image values (one column per transform) as CSV; also written to ``path`` if given."""
-        rows = [
+    def per_image(self) -> list[dict[str, Any]]:
+        """One row per image (``image``, ``file``, one column per transform): the rows of :meth:`to_csv`."""
+        return [
             {
                 "image": i,
                 "file": self.files[i] if self.files else "",
@@ -284,7 +284,10 @@ class EquivarianceMetrics:
             }
             for i in range(self.num_images)
         ]
-        return rows_to_csv(rows, path)
+
+    def to_csv(self, path: str | None = None) -> str:
+        """Per-image values (one column per transform) as CSV; also written to ``path`` if given."""
+        return rows_to_csv(self.per_image(), path)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, per-transform summary and per-image values as plain Python types."""

@@ -36,6 +36,7 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "MissingWeightsError",
     "Preprocess",
+    "RANDOM_INIT",
     "available_pretrained",
     "bundled_weights_path",
     "load_checkpoint_state_dict",
@@ -43,6 +44,7 @@ __all__ = [
     "map_state_dict",
     "preprocess_from_timm",
     "to_rgb",
+    "weights_source",
 ]
 
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
@@ -575,12 +577,39 @@ def load_model(
     name = os.fspath(name_or_path)
     if name in _REGISTRY and pretrained:
         model, preprocess = _load_bundled(name)
+        source = _bundled_source(name)
     elif name in _REGISTRY:
         model, preprocess = timm.create_model(name, pretrained=False), _REGISTRY[name].preprocess
+        source = RANDOM_INIT
     elif _looks_like_path(name):
         model, preprocess = _load_from_checkpoint(Path(name), arch)
+        source = f"checkpoint {Path(name).resolve()}"
     elif timm.is_model(name):
         model, preprocess = _load_random(name, pretrained)
+        source = RANDOM_INIT
     else:
         raise _unknown_model_error(name)
+    model.aliasscope_weights = source
     return model.to(device).eval(), preprocess
+
+
+RANDOM_INIT = "random init"
+"""What :func:`weights_source` says of a model built with random weights."""
+
+
+def weights_source(model: nn.Module) -> str:
+    """Where the weights of a model from :func:`load_model` came from: ``"pretrained <package>
+    <version> (<file>)"``, ``"checkpoint <path>"`` or ``"random init"``; ``"unknown"`` for a model
+    built elsewhere."""
+    return str(getattr(model, "aliasscope_weights", "unknown"))
+
+
+def _bundled_source(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    entry = _REGISTRY[name]
+    try:
+        package = f"{entry.module} {version(entry.module)}"
+    except PackageNotFoundError:
+        package = entry.module
+    return f"pretrained {package} ({bundled_weights_path(name).name})"

@@ -177,15 +177,20 @@ FIGURE_CAPTIONS: dict[str, str] = {
 }
 
 
-def render_report(summary: dict[str, Any], figures: dict[str, str | Path]) -> str:
-    """The report as one HTML string: summary, figures (embedded), tables and settings."""
+def render_report(
+    summary: dict[str, Any], figures: dict[str, str | Path], files: list[str] | None = None
+) -> str:
+    """The report as one HTML string: summary, figures (embedded), tables and settings; ``files``: the
+    other files of the output folder, named at the end (default: those ``aliasscope diagnose`` can write)."""
+    provenance = summary.get("provenance") or {}
+    weights = provenance.get("weights") or ("pretrained" if summary.get("pretrained") else "random-init")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>aliasscope report: {html.escape(str(summary.get('model')))}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>aliasscope: where <code>{html.escape(str(summary.get('model')))}</code> "
         "breaks its symmetries</h1>",
-        f"<p>{'pretrained' if summary.get('pretrained') else 'random-init'} model; "
+        f"<p>Weights: {html.escape(str(weights))}; "
         f"{summary.get('num_images')} "
         f"images from {html.escape(str(summary.get('images')))}; {summary.get('generator')} generator; "
         f"device {summary.get('device')}; {summary.get('seconds')} s.",
@@ -230,13 +235,21 @@ def render_report(summary: dict[str, Any], figures: dict[str, str | Path]) -> st
 
     parts.append("<h2>Settings and versions</h2>")
     settings = {k: summary[k] for k in _SETTINGS if k in summary}
+    if "weights" in provenance:
+        settings["weights"] = provenance["weights"]
     settings.update({f"version {k}": v for k, v in summary.get("versions", {}).items()})
     rows = [{"setting": k, "value": str(v)} for k, v in settings.items()]
     parts.append(_table(rows, [("setting", "setting"), ("value", "value")]))
-    parts.append(
-        "<p class='caption'>Files next to this report: summary.json, metrics.csv (per image and transform), "
-        "layers.csv (per op and transform), spectral.csv (per op), figures/*.png|svg.</p>"
-    )
+    if files is None:
+        parts.append(
+            "<p class='caption'>Files next to this report: summary.json, metrics.csv (per image and "
+            "transform), layers.csv (per op and transform), spectral.csv (per op), figures/*.png|svg.</p>"
+        )
+    else:
+        others = [f for f in files if f != "report.html" and "/" not in f]
+        folders = sorted({f.split("/", 1)[0] + "/" for f in files if "/" in f})
+        names = ", ".join(html.escape(f) for f in others + folders)
+        parts.append(f"<p class='caption'>Files next to this report: {names or 'none'}.</p>")
     parts.append(_CHECK)
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -313,9 +326,14 @@ def _spectral_tables(sp: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_report(path: str | Path, summary: dict[str, Any], figures: dict[str, str | Path]) -> Path:
+def write_report(
+    path: str | Path,
+    summary: dict[str, Any],
+    figures: dict[str, str | Path],
+    files: list[str] | None = None,
+) -> Path:
     """Write :func:`render_report` to ``path``; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(summary, figures), encoding="utf-8")
+    path.write_text(render_report(summary, figures, files), encoding="utf-8")
     return path

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,10 +40,24 @@ def to_json_text(data: Any) -> str:
     return json.dumps(_plain(data), indent=2, default=str)
 
 
-def rows_to_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str] | None = None) -> str:
-    """A table (one dict per row, the first row's keys as columns) as CSV; written to ``path`` if given."""
+def rows_to_csv(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str] | None = None,
+    constant_columns: Mapping[str, Any] | None = None,
+) -> str:
+    """A table (one dict per row, the first row's keys as columns) as CSV; written to ``path`` if given.
+
+    ``constant_columns`` (e.g. a run's provenance) are appended after the rows' own columns, with the
+    same value in every row; one whose name the rows already use is written as ``run_<name>``.
+    """
+    fields = list(rows[0]) if rows else []
+    constant: dict[str, Any] = {}
+    for name, value in (constant_columns or {}).items():
+        while name in fields or name in constant:
+            name = f"run_{name}"
+        constant[name] = value
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields + list(constant), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, **constant} for row in rows)
     return save_text(buf.getvalue(), path)

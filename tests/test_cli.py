@@ -15,6 +15,8 @@ from aliasscope.cli import build_parser, main
 
 TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
 LEAN = ["--no-layerwise", "--no-spectral", "--no-report"]  # each test turns on what it checks
+PROVENANCE = ["model", "weights", "images", "num_images", "generator", "dtype", "device", "seed"]
+PROVENANCE += ["aliasscope_version"]  # after every CSV's own columns
 
 
 def _diagnose_tiny(tmp_path: Path, images: Path, *extra: str) -> int:
@@ -34,7 +36,7 @@ def test_diagnose_writes_metrics_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs")) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(rows) == 3 and set(rows[0]) == {"image", "file", "translate_x", "rotate"}
+    assert len(rows) == 3 and list(rows[0]) == ["image", "file", "translate_x", "rotate", *PROVENANCE]
     assert all(float(r["rotate"]) > 0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_images"] == 3 and summary["top1"] is None
