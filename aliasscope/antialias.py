@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
 from .layouts import BCHW, Layout
 from .spectral import downsample, upsample
 
@@ -103,8 +104,7 @@ class FilteredActivation(nn.Module):
         super().__init__()
         if filter not in ("ideal", "kaiser"):
             raise ValueError(f"filter must be 'ideal' or 'kaiser', got {filter!r}")
-        if up < 1:
-            raise ValueError(f"up must be a positive integer, got {up}")
+        check_int("up", up, minimum=2)  # up=1 would filter nothing (and has no low-pass filter)
         self.act, self.up, self.filter, self.layout, self.pad_mode = act, up, filter, layout, pad_mode
         self.register_buffer("taps", kaiser_lowpass(up, half_width), persistent=False)
 

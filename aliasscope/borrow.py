@@ -113,6 +113,8 @@ def check_images(images: torch.Tensor, model: nn.Module | None = None) -> torch.
         raise TypeError(f"images must be floating point, got dtype {images.dtype}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch")
+    if images.is_meta:
+        raise ValueError("images are on the meta device (shapes without data); pass real tensors")
     if min(images.shape[-2:]) < 2:
         raise ValueError(f"images must be at least 2x2 pixels, got shape {tuple(images.shape)}")
     if not torch.isfinite(images).all():

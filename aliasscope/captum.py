@@ -42,6 +42,7 @@ from torch import nn
 
 from .borrow import borrowed
 from .capture import OpRecord
+from .checks import check_model
 from .decompose import Decomposition, decompose
 from .generators import apply_generator, get_generator
 from .layouts import BCHW, Layout, window_grid
@@ -328,6 +329,7 @@ class LayerLieDerivative(LayerAttribution, GradientAttribution):
                 f"layers are located by their path in it; got {type(forward_func).__name__}. Wrap a "
                 "function in an nn.Module whose submodules are the layers."
             )
+        forward_func = check_model(forward_func)
         _check_names(transform, generator)
         LayerAttribution.__init__(self, forward_func, layer)
         GradientAttribution.__init__(self, forward_func)
@@ -645,6 +647,8 @@ class LieDerivativeAttribution(GradientAttribution):
     ) -> None:
         if not callable(forward_func):
             raise TypeError(f"forward_func must be a model or a callable, got {type(forward_func).__name__}")
+        if isinstance(forward_func, nn.Module):
+            forward_func = check_model(forward_func)
         _check_names(transform, generator)
         GradientAttribution.__init__(self, forward_func)
         self.transform, self.generator = transform, generator

@@ -45,6 +45,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .checks import check_layouts, check_model, check_units
 from .layout_rules import ACTIVATIONS, NORMS, PERMUTES, RESHAPES, func_name, propagate
 from .layouts import BCHW, Layout
 from .mutation import Functionalizer, as_mutation
@@ -1016,10 +1017,14 @@ def record(
     ...     model(x)
     >>> [(op.name, op.kind, str(op.layout)) for op in rec][:3]  # doctest: +SKIP
     """
+    model = check_model(model, unwrap_compiled=False)
     if isinstance(units, str):
         if units != "paper":
             raise ValueError(f"units must be a list of module paths/class names or 'paper', got {units!r}")
         units = PAPER_UNITS
+    else:
+        check_units(model, units)
+    check_layouts(model, layouts)
     rec = Recording(model, input_layout, layouts or {}, units)
     rec.alias_inputs = alias_inputs
     handles = []

@@ -289,9 +289,12 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
 
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     from .borrow import borrowed
+    from .checks import check_labels
     from .compare import _predict
 
-    with borrowed(model):  # eval mode, given back as it came
+    with borrowed(model), torch.no_grad():  # eval mode, given back as it came
+        y = model(images[:1])
+        labels = check_labels(labels, images.shape[0], y.shape[-1] if isinstance(y, torch.Tensor) else None)
         return (_predict(model, images, batch_size) == labels).double().mean().item()
 
 
@@ -332,10 +335,13 @@ def _record(out: OutputFolder, args: argparse.Namespace, model: torch.nn.Module,
 
 def _load(args: argparse.Namespace):
     """Check the device, seed the generators, load the model (in ``--dtype``) and its preprocessing."""
+    from .checks import check_device
     from .models import load_model
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device: {err}") from None
     torch.manual_seed(args.seed)
     model, preprocess = load_model(args.model, pretrained=args.pretrained, arch=args.arch, device=args.device)
     if args.dtype == "float64":

@@ -5,7 +5,9 @@ interval), the layer attribution by op kind, alias energy by op kind, top-1 accu
 the first model, Zhang's shift consistency, fractional-shift consistency, forward time and parameter
 count. Pass images larger than the model's input by 32 pixels (``resize=256, crop=256`` for a
 224-pixel model): evaluation uses their centre crop, and the consistency measures use crops at offsets
-in ``[0, 32)^2``, as in Zhang (2019).
+in ``[0, 32)^2``, as in Zhang (2019). The crop is the model's input size (timm's ``pretrained_cfg``)
+unless ``crop=`` says otherwise; images too small for it and its 32-pixel margin are an error, never a
+silently smaller crop.
 """
 
 from __future__ import annotations
@@ -153,6 +155,44 @@ class Comparison:
         return plot_comparison(self, path)
 
 
+def _crop_size(crop: int | None, images: torch.Tensor, model: nn.Module, input_size) -> int:
+    """The side of the crops the models see (see :func:`compare`'s ``crop``)."""
+    h, w = images.shape[-2:]
+    if crop is not None:
+        size = crop
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= min(h, w):
+            raise ValueError(f"crop must be an integer in [16, {min(h, w)}] for images {h}x{w}, got {crop!r}")
+        return size
+    size = input_size(model)
+    if size is None:  # a model without a configured input size: Zhang's protocol on these images
+        size = w - 32
+        if size < 16 or size > h:
+            raise ValueError(f"images {h}x{w} are too small for compare's crops; pass crop= explicitly")
+        return size
+    if min(h, w) < size + 32:
+        raise ValueError(
+            f"compare evaluates {size}-pixel crops (the model's input size) and needs images {size + 32} "
+            f"pixels wide for the shift-consistency offsets in [0, 32)^2, got {h}x{w}: load them with a "
+            f"preprocess {size + 32} wide, e.g. dataclasses.replace(preprocess, crop={size + 32}, "
+            f"resize=max(preprocess.resize, {size + 32})) as `aliasscope fix` does, or pass crop= "
+            f"explicitly (e.g. crop={min(h, w) - 32 if min(h, w) - 32 >= 16 else min(h, w)}: smaller crops)"
+        )
+    return size
+
+
+def _classes(name: str, model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes of a classifier (one forward of one image)."""
+    from .borrow import borrowed, check_images
+
+    x = check_images(x, model)
+    with borrowed(model), torch.no_grad():
+        y = model(x)
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"compare needs classifiers with (B, classes) logits; model {name!r} returned {got}")
+    return int(y.shape[1])
+
+
 def compare(
     models: dict[str, nn.Module],
     images: Any,
@@ -179,7 +219,10 @@ def compare(
         (B, 3, H, W) tensor or :class:`~aliasscope.data.ImageBatch` (its labels are used when
         ``labels`` is None), already normalised for the models.
     crop:
-        Side of the crops the models see; default ``H - 32`` (Zhang's protocol on 256-pixel images).
+        Side of the crops the models see. Default: the first model's input size (timm's
+        ``pretrained_cfg``), which needs images ``crop + 32`` pixels wide (a ValueError otherwise);
+        ``H - 32`` for models without one. An explicit ``crop`` may leave a smaller margin (shift
+        consistency then uses offsets in ``[0, H - crop]``; NaN when ``crop == H``).
     layer_transform, layer_images:
         Transform and number of images for the exact layer attribution (target: the predicted class);
         None skips it.
@@ -189,19 +232,34 @@ def compare(
     from tqdm.auto import tqdm
 
     from .borrow import borrowed, check_images
+    from .checks import check_int, check_labels, check_model, check_transforms, expected_input_size
     from .decompose import decompose as _decompose
     from .lie import equivariance_metrics
     from .spectral import spectral
 
     if not models:
         raise ValueError("compare needs at least one model")
+    models = {name: check_model(m) for name, m in models.items()}
+    transforms = check_transforms(transforms)
+    batch_size = check_int("batch_size", batch_size)
+    layer_images = check_int("layer_images", layer_images, minimum=0)
+    spectral_images = check_int("spectral_images", spectral_images, minimum=0)
+    if spectral_images:
+        check_int("upsample (the upsampling factor)", upsample, minimum=2)
     if labels is None:
         labels = getattr(images, "labels", None)
-    images = getattr(images, "images", images)
-    size = crop if crop is not None else images.shape[-1] - 32
-    if size < 16 or size > min(images.shape[-2:]):
-        raise ValueError(f"crop {size} does not fit images of shape {tuple(images.shape)}")
+    images = check_images(getattr(images, "images", images))
+    size = _crop_size(crop, images, next(iter(models.values())), expected_input_size)
     centre = _centre(images, size)
+    classes = {name: _classes(name, m, centre[:1]) for name, m in models.items()}
+    if len(set(classes.values())) > 1:
+        counts = ", ".join(f"{n!r} {c}" for n, c in classes.items())
+        raise ValueError(
+            f"the models have different numbers of classes ({counts}): top-1 and agreement compare class "
+            "indices, so compare needs models over the same classes"
+        )
+    if labels is not None:
+        labels = check_labels(labels, images.shape[0], next(iter(classes.values())))
     rows: list[dict[str, Any]] = []
     by_kind: dict[str, dict[str, dict[str, float]]] = {}
     reference: torch.Tensor | None = None

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .borrow import borrowed, check_images
 from .capture import KINDS, OpRecord, _tensors, record
+from .checks import check_finite_output, check_model, names_nonfinite_images, output_hint, selected_ops
 from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout, window_grid
@@ -408,7 +409,13 @@ def _class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
     callable (they need no per-batch input)."""
     if isinstance(target, str) or (callable(target) and not isinstance(target, torch.Tensor)):
         return None
-    idx = torch.as_tensor(target).long().cpu()
+    idx = torch.as_tensor(target)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(
+            f"target must be an integer class index (or one per image), 'pred', None or a callable, got "
+            f"{target!r} of dtype {idx.dtype}: a float or bool is not a class index"
+        )
+    idx = idx.long().cpu()
     idx = idx.expand(n) if idx.dim() == 0 else idx
     if idx.shape != (n,) or (idx < 0).any() or (idx >= classes).any():
         raise ValueError(f"target must be a class index in [0, {classes}) or one per image, got {target!r}")
@@ -440,10 +447,12 @@ def _target_values(f: torch.Tensor, target: Target, check: bool = True) -> tuple
         return f.gather(1, target[:, None])[:, 0], "per-image classes"
     if callable(target) and not isinstance(target, torch.Tensor):
         t = target(f)
-        if t.shape != (f.shape[0],):
+        if not isinstance(t, torch.Tensor) or t.shape != (f.shape[0],):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            why = " (a reduction over the batch: reduce over the other dims only)" if got == () else ""
             raise ValueError(
-                f"a target callable must return one scalar per image, shape ({f.shape[0]},), "
-                f"got {tuple(t.shape)}"
+                f"a target callable must return one scalar per image, a tensor of shape ({f.shape[0]},), "
+                f"got {got}{why}; e.g. lambda f: f[:, 3] or lambda f: f.flatten(1).sum(1)"
             )
         return t, getattr(target, "__name__", "callable")
     if f.dim() != 2:
@@ -559,7 +568,7 @@ def _record(model, x, head, layouts, units, alias_inputs=False):
     with record(model, layouts=layouts, units=units, alias_inputs=alias_inputs) as rec:
         y = model(x)
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"the model returned a {type(y).__name__}, not a tensor")
+            raise TypeError(output_hint(y))
         f = head(y) if head is not None else y
     return rec, f
 
@@ -839,6 +848,7 @@ def _warn_failed(dec: Decomposition) -> None:
         )
 
 
+@names_nonfinite_images
 def decompose(
     model: nn.Module,
     images: torch.Tensor,
@@ -922,6 +932,7 @@ def decompose(
         raise ValueError("method='probe' estimates the norm of the whole output vector: use target=None")
     if verify not in ("jvp", "fd", None):
         raise ValueError(f"verify must be 'jvp', 'fd' or None, got {verify!r}")
+    model = check_model(model)
     images = check_images(images, model)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -1047,6 +1058,7 @@ def decompose(
             values = (sq / num_probes).sqrt().cpu()
             summed = None
             extra["num_probes"] = num_probes
+    check_finite_output(model, images, rec.output)
     checks, tolerance = _self_checks(
         model,
         images,
@@ -1110,7 +1122,7 @@ def _result(
         err = ((total - summed).norm() / total.norm().clamp_min(1e-300)).item()
     else:
         err = float("nan")  # an estimator of norms cannot be summed back to the total
-    keep = rec.select(select)
+    keep = selected_ops(ops, select)
     kept = values[keep]
     extra = dict(extra)
     if vectors is not None:

@@ -42,6 +42,7 @@ from .antialias import (
     shallow_copy,
 )
 from .capture import OpRecord, select_ops
+from .checks import check_model
 
 __all__ = [
     "Change",
@@ -131,6 +132,7 @@ def _apply(
     """Copy the model, and replace the module of every selected op by ``make(op, module)`` (module
     None for a functional op): a module, a reason (str) to leave it, or None when the op is not of the
     kind this fix changes."""
+    model = check_model(model)
     fixed = copy.deepcopy(model)
     log = changes(model)
     ops = _recorded_ops(fixed, _example_input(fixed, example))
@@ -225,11 +227,19 @@ def blurpool(
 
     if filter_size not in (3, 5, 7):
         raise ValueError(f"filter_size must be 3, 5 or 7, got {filter_size}")
+    blurred = [c.name for c in changes(model) if c.fix == "blurpool" and c.changed]
 
     def make(op: OpRecord, m: nn.Module | None) -> nn.Module | str | None:
         s = _stride(m) if m is not None else None
         if s is None or _is_blur(m) or isinstance(m, PolyphaseDown):
             return None
+        done = next((b for b in blurred if op.module == b or op.module.startswith(b + ".")), None)
+        if done is not None:
+            raise ValueError(
+                f"blurpool was already applied to {done!r} of this model (aliasscope.changes(model) lists "
+                "it): a second blurpool would stack a second blur before the same op. Apply it once, to "
+                "the original model (or select other ops with where=)"
+            )
         if isinstance(m, nn.Conv2d):
             return nn.Sequential(OrderedDict(blur=BlurPool2d(None, filter_size, stride=1), conv=m))
         if isinstance(m, nn.MaxPool2d):

@@ -31,6 +31,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from .checks import check_device
+
 __all__ = [
     "BUNDLED_MODELS",
     "CHECKPOINT_SUFFIXES",
@@ -410,6 +412,8 @@ def _read_checkpoint(path: Path) -> tuple[Any, dict[str, str]]:
     if path.suffix.lower() != ".safetensors":
         try:
             return torch.load(path, map_location="cpu", weights_only=True), {}
+        except (EOFError, RuntimeError) as exc:  # truncated or not a torch file at all
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({exc or 'truncated'})") from exc
         except pickle.UnpicklingError as exc:
             raise ValueError(
                 f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses. "
@@ -465,6 +469,8 @@ def load_checkpoint_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is an empty file (0 bytes): save the weights into it again")
     content, metadata = _read_checkpoint(path)
     arch = content.get("arch") if isinstance(content, Mapping) else None
     arch = arch if isinstance(arch, str) else metadata.get("arch")
@@ -574,6 +580,12 @@ def load_model(
     ValueError
         Unknown name, undeterminable ``arch``, or weights that do not fit the architecture.
     """
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise TypeError(
+            f"load_model needs a model name or a checkpoint path (str or os.PathLike), got "
+            f"{type(name_or_path).__name__}; e.g. load_model('tf_efficientnet_lite0')"
+        )
+    device = check_device(device)
     name = os.fspath(name_or_path)
     if name in _REGISTRY and pretrained:
         model, preprocess = _load_bundled(name)

@@ -95,12 +95,27 @@ def interrupted_message(out: str | os.PathLike[str], state: str = "open") -> str
 
 
 def is_output_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder an aliasscope run wrote (it has a readable aliasscope manifest)."""
+    """Whether ``path`` is a folder an aliasscope run wrote: it has a readable aliasscope manifest, or
+    (written before manifests existed) a ``summary.json`` / ``comparison.json`` naming aliasscope's
+    version."""
     try:
         manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return _legacy_output(Path(path))
     return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("aliasscope-output")
+
+
+def _legacy_output(path: Path) -> bool:
+    for name, keys in (("summary.json", ("versions",)), ("comparison.json", ("settings", "versions"))):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            data = data.get(key) if isinstance(data, dict) else None
+        if isinstance(data, dict) and "aliasscope" in data:
+            return True
+    return False
 
 
 def _display(out: str | os.PathLike[str]) -> str:

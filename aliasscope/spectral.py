@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_finite_output, check_int, check_model, names_nonfinite_images, selected_ops
 from .layouts import BCHW, Layout
 from .results import rows_to_csv, save_text, to_json_text
 
@@ -478,6 +479,7 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
     return stride
 
 
+@names_nonfinite_images
 def spectral(
     model: nn.Module,
     images: torch.Tensor,
@@ -503,10 +505,13 @@ def spectral(
     from .borrow import borrowed, check_images
     from .capture import record
 
+    model = check_model(model)
     images = check_images(images, model)
-    factors = sorted({int(f) for f in convergence} - {upsample})
-    if upsample < 1 or any(f < 1 for f in factors) or batch_size < 1:
-        raise ValueError("upsample, convergence factors and batch_size must be positive integers")
+    upsample = check_int("upsample (the upsampling factor)", upsample, minimum=2)
+    if isinstance(convergence, int | str):
+        convergence = (convergence,)
+    factors = sorted({check_int("each convergence factor", f, minimum=2) for f in convergence} - {upsample})
+    batch_size = check_int("batch_size", batch_size)
     names: list[str] = []
     kinds: list[str] = []
     lays: list[str] = []
@@ -518,8 +523,9 @@ def spectral(
             tqdm(chunks, desc="spectra", unit="batch", disable=not progress or len(chunks) < 2)
         ):
             with record(model, layouts=layouts, units=units) as rec:
-                model(chunk)
-            keep = rec.select(select)
+                out = model(chunk)
+            check_finite_output(model, chunk, out)
+            keep = selected_ops(rec.ops, select)
             ops = [rec.ops[i] for i in keep]
             if c == 0:
                 names, kinds, lays = (

@@ -193,3 +193,21 @@ def test_equivariance_metrics_default_covers_every_transform() -> None:
     m = equivariance_metrics(smooth_cnn(), random_images(2, 3, 12, 12), progress=False)
     assert m.transforms == list(TRANSFORMS)
     assert torch.isfinite(m.values).all() and (m.values > 0).all()
+
+
+def test_intervals_of_skewed_nonnegative_values_stay_nonnegative() -> None:
+    """Means of |L| over few images are skewed: the t-interval of these went below 0, BCa does not."""
+    from scipy import stats
+
+    from aliasscope.lie import EquivarianceMetrics
+
+    v = torch.tensor([[1e-4], [2e-4], [1.5e-4], [3e-2], [1e-4]], dtype=torch.float64)
+    n, mean, sd = 5, v.mean().item(), v.std().item()
+    assert mean - stats.t.ppf(0.975, n - 1) * sd / n**0.5 < 0  # what the t-interval gave
+    m = EquivarianceMetrics(v, ["rotate"], "central", "softmax")
+    mean_, lo, hi = m.interval()["rotate"]
+    assert mean_ == pytest.approx(mean)
+    assert v.min().item() <= lo < mean < hi <= v.max().item()
+    assert m.interval() == m.interval()  # seeded
+    same = EquivarianceMetrics(torch.full((3, 1), 0.5, dtype=torch.float64), ["rotate"], "central", "x")
+    assert same.interval()["rotate"] == (0.5, 0.5, 0.5)

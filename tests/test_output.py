@@ -465,3 +465,19 @@ def test_a_real_run_locks_its_folder_and_ctrl_c_leaves_the_earlier_output(tmp_pa
         f"aliasscope: interrupted; nothing was written, the earlier output in {out} was left as it was"
     ]
     assert _snapshot(out) == before and _siblings(out) == []
+
+
+def test_an_output_written_before_manifests_is_recognised(tmp_path: Path) -> None:
+    """Folders of earlier aliasscope versions (no manifest.json) are replaced, not refused."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "summary.json").write_text('{"model": "m", "versions": {"aliasscope": "0.1.0"}}')
+    (old / "layers.csv").write_text("stale\n")
+    assert is_output_folder(old)
+    with output_folder(old) as out:
+        _write(out, {"a.csv": "x\n"})
+    assert sorted(p.name for p in old.iterdir()) == ["a.csv", MANIFEST]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text('{"versions": {"numpy": "2"}}')  # not ours
+    assert not is_output_folder(other)
