@@ -200,7 +200,8 @@ def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Pat
     assert (out / "layers.csv").exists()
 
 
-FIGURES = ("transforms", "attribution", "spectral", "alias_vs_attribution", "where")
+FIGURES = ("transforms", "attribution", "spectral", "alias_vs_attribution", "where_translate_x")
+FIGURES += ("where_rotate",)  # one where-in-the-image figure per layer transform
 
 
 def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:
