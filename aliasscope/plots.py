@@ -397,14 +397,30 @@ def plot_transforms(metrics: EquivarianceMetrics, path: str | Path | None = None
     iv = metrics.interval()
     names = list(iv)
     mean = np.array([iv[n][0] for n in names])
-    err = np.nan_to_num(np.vstack([mean - [iv[n][1] for n in names], [iv[n][2] for n in names] - mean]))
+    lo = np.array([iv[n][1] for n in names])
+    hi = np.array([iv[n][2] for n in names])
+    positive = mean[mean > 0]
+    bottom = positive.min() / 4 if len(positive) else 1e-12
+    below = ~(lo > bottom)  # an interval reaching 0 or below (few images) ends at the axis: marked
+    err = np.nan_to_num(np.vstack([mean - np.where(below, bottom, lo), hi - mean]))
     err = np.clip(err, 0, None)
     fig, ax = plt.subplots(
         figsize=(min(FIGURE_WIDTH, max(6.0, 0.75 * len(names) + 2)), 4.4), layout="constrained"
     )
     ax.bar(np.arange(len(names)), mean, 0.7, yerr=err, capsize=3, color="#4c72b0")
-    ax.set_xticks(np.arange(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=bottom)
+    if below.any():
+        ax.plot(
+            np.flatnonzero(below),
+            np.full(below.sum(), bottom * 1.08),
+            "v",
+            color="black",
+            ms=6,
+            label="95% interval reaches below the axis (to 0 or less)",
+        )
+        ax.legend(loc="upper right")
+    ax.set_xticks(np.arange(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right")
     ax.set_ylabel("mean over classes of |L_X softmax|\n(mean over images, 95% interval)")
     ax.set_title(
         f"End-to-end equivariance error per transform ({metrics.num_images} images, "

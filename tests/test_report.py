@@ -29,6 +29,7 @@ from torch import nn
 from aliasscope import plots
 from aliasscope.cli import _print_summary, main
 from aliasscope.decompose import decompose
+from aliasscope.lie import EquivarianceMetrics
 from aliasscope.report import (
     SHARE_DEFINITION,
     advice,
@@ -441,7 +442,14 @@ def test_figures_have_no_tiny_text_and_no_overlapping_labels(tmp_path: Path) -> 
         "spectral": plots.plot_spectral(spectral(model, x[:1], upsample=2)),
         "convergence": plots.plot_convergence(_spectrum(0.3)),
         "where": plots.plot_where(x[:2], decompose(model, x[:2], "rotate", keep_maps=True)),
+        "transforms": plots.plot_transforms(
+            EquivarianceMetrics(
+                torch.tensor([[1e-2, 1e-3], [3e-2, 2e-3]]), ["rotate", "brightness"], "central", "softmax"
+            )
+        ),
     }
+    marked = figs["transforms"].axes[0].get_legend().get_texts()[0].get_text()
+    assert "interval reaches below the axis" in marked  # 2 images: the lower ends are below 0
     for name, fig in figs.items():
         assert fig.get_size_inches()[0] <= plots.FIGURE_WIDTH + 1e-9, name
         small = [
