@@ -597,7 +597,7 @@ def plot_convergence(
             if worst is None or rel[j] > worst[0]:
                 worst = (rel[j], pos[j], spectrum.names[idx[j]])
     peak = max(100 * tolerance, worst[0] if worst else 0.0)
-    ax.set_ylim(0, peak * 1.35)
+    ax.set_ylim(0, peak * 1.45)
     ax.axhline(100 * tolerance, color="#b22222", ls="--", lw=1)
     ax.text(
         0.99,
@@ -616,12 +616,23 @@ def plot_convergence(
         ax.legend(loc="upper left")
     ok, verdict = convergence_verdict(spectrum.convergence_summary(), tolerance)
     fig.suptitle(
-        "\n".join(textwrap.wrap(f"Spectral convergence: {verdict}", 115)),
+        "\n".join(
+            textwrap.wrap(
+                f"Spectral convergence: {verdict}".replace("= ", "=\u00a0").replace("< ", "<\u00a0"), 125
+            )
+        ),
         color={True: "#2a7d2a", False: "#b22222", None: "black"}[ok],
     )
-    if worst is not None:
-        _place_labels(
-            ax, [(worst[1], worst[0])], [f"largest: {_short(worst[2], 26)} ({worst[0]:.1f}%)"], obstacles=[]
+    if worst is not None:  # above the tolerance line and the bars, with a leader to the bar
+        ax.annotate(
+            f"largest: {_short(worst[2], 26)} ({worst[0]:.2f}%)",
+            (worst[1], worst[0]),
+            xytext=(0.5, 0.93),
+            textcoords="axes fraction",
+            ha="center",
+            va="top",
+            fontsize=9,
+            arrowprops={"arrowstyle": "-", "color": "#666666", "lw": 0.6, "shrinkB": 2},
         )
     save_figure(fig, path)
     return fig

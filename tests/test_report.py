@@ -320,7 +320,7 @@ def test_convergence_figure_carries_the_same_verdict(tmp_path: Path) -> None:
     for change, word in ((0.04, "converged: "), (0.3, "NOT converged: ")):
         sp = _spectrum(change)
         fig = plots.plot_convergence(sp, tmp_path / "conv", num_ops=9)
-        title = fig.get_suptitle().replace("\n", " ")
+        title = fig.get_suptitle().replace("\n", " ").replace("\u00a0", " ")
         assert word in title and convergence_verdict(sp.convergence_summary())[1] in title
         assert f"{100 * change:.1f}%" in title
         bars = [p.get_height() for p in fig.axes[1].patches]
