@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import platform
 import re
@@ -298,6 +299,26 @@ def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
         return (_predict(model, images, batch_size) == labels).double().mean().item()
 
 
+def _predictions(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int
+) -> dict[str, Any]:
+    """Per image: the predicted class, its softmax probability and the label (None when unlabelled)."""
+    from .borrow import borrowed
+
+    classes: list[int] = []
+    probs: list[float] = []
+    with borrowed(model), torch.no_grad():  # eval mode, given back as it came
+        for s in range(0, images.shape[0], batch_size):
+            conf, idx = model(images[s : s + batch_size]).softmax(-1).max(-1)
+            classes += idx.cpu().tolist()
+            probs += conf.double().cpu().tolist()
+    return {
+        "predicted_class": classes,
+        "probability": probs,
+        "label": None if labels is None else labels.tolist(),
+    }
+
+
 def _versions() -> dict[str, str]:
     import timm
 
@@ -371,6 +392,7 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
     text and the end-to-end metrics."""
     from .data import load_images
     from .lie import equivariance_metrics
+    from .report import per_image_rows
 
     model, preprocess = _load(args)
     batch = load_images(args.images, preprocess, limit=args.num_images, every=args.every)
@@ -403,7 +425,9 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
         "versions": _versions(),
         "intervals": {t: list(v) for t, v in metrics.interval().items()},
         "metrics": json.loads(metrics.to_json()),
+        "predictions": _predictions(model, images, batch.labels, args.batch_size),
     }
+    out.write_csv("per_image.csv", per_image_rows(summary))
     layer_rows: list[dict[str, Any]] = []
     decs: dict[str, Any] = {}
     spectrum = spectral_rows = None
@@ -427,7 +451,10 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
 
 
 def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: OutputFolder, start: float) -> None:
-    """The one-screen text summary at the end of ``diagnose``."""
+    """The one-screen text summary at the end of ``diagnose``: a failed self-check replaces the
+    ranking and the advice by the failures."""
+    from .report import advice, check_failures, convergence_verdict
+
     print(
         f"\nmodel {args.model}, {summary['provenance']['weights']}, {summary['num_images']} images, "
         f"{args.device}"
@@ -435,12 +462,18 @@ def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: Output
     print(metrics.summary())
     if summary["top1"] is not None:
         print(f"top-1 accuracy: {100 * summary['top1']:.1f}% ({summary['num_images']} labelled images)")
-    if summary.get("layerwise"):
-        from .report import advice
-
+    failures = check_failures(summary)
+    if failures is not None:
+        red, end = ("\033[1;31m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        print(f"\n{red}SELF-CHECK FAILED: these numbers are not a finding (no ranking, no advice){end}")
+        for failure in failures:
+            print(f"{red}  - {failure}{end}")
+    elif summary.get("layerwise"):
         print()
         for line in advice(summary):
-            print(re.sub(r"</?(code|b)>", "", line))
+            print(html.unescape(re.sub(r"</?(code|b)>", "", line)))
+    if summary.get("spectral"):
+        print(f"spectral convergence: {convergence_verdict(summary['spectral'].get('convergence'))[1]}")
     print(f"\nwrote {out.describe()} into {out.display}/ ({time.perf_counter() - start:.1f} s)")
 
 
@@ -458,27 +491,42 @@ def _figures(
     from .decompose import decompose
 
     folder = out / "figures"
+    num_ops = next(iter(decs.values())).num_ops if decs else None
     jobs: list[tuple[str, Any]] = [("transforms", lambda p: plots.plot_transforms(metrics, p))]
     if decs:
         jobs.append(("attribution", lambda p: plots.plot_layer_attribution(decs, p)))
     if spectrum is not None:
-        jobs.append(("spectral", lambda p: plots.plot_spectral(spectrum, p)))
+        jobs.append(("spectral", lambda p: plots.plot_spectral(spectrum, p, num_ops=num_ops)))
+        if spectrum.convergence:
+            jobs.append(("convergence", lambda p: plots.plot_convergence(spectrum, p, num_ops=num_ops)))
         if spectral_rows is not None and decs:
             join = summary["spectral"]["join"]
             jobs.append(
                 (
                     "alias_vs_attribution",
                     lambda p: plots.plot_alias_vs_attribution(
-                        spectral_rows, p, rho=join["spearman_rho"], p_value=join["p_value"]
+                        spectral_rows,
+                        p,
+                        rho=join["spearman_rho"],
+                        p_value=join["p_value"],
+                        num_ops=num_ops,
+                        transforms=list(decs),
                     ),
                 )
             )
-    if args.where_images > 0 and args.layerwise:
+    if args.where_images > 0 and decs:
         x = batch.images[: args.where_images].to(args.device)
-        transform = args.layer_transforms[0]
         target = _parse_target(args.target)  # maps need a scalar: 'all' shows the predicted class
+        titles = [Path(f).stem for f in batch.files[: x.shape[0]]]
+        # ranked by the layer attribution over all images (same target), maps for the first images
+        summary["where"] = {
+            "images": x.shape[0],
+            "titles": titles,
+            "transforms": list(decs),
+            "ranked_over": len(batch) if target is not None else x.shape[0],
+        }
 
-        def where(p: Path):
+        def where(p: Path, transform: str):
             dec = decompose(
                 model,
                 x,
@@ -488,10 +536,13 @@ def _figures(
                 generator=args.generator,
                 keep_maps=True,
             )
-            titles = [Path(f).stem for f in batch.files[: x.shape[0]]]
-            return plots.plot_where(x, dec, p, mean=preprocess.mean, std=preprocess.std, titles=titles)
+            reference = decs[transform] if target is not None else None
+            return plots.plot_where(
+                x, dec, p, reference=reference, mean=preprocess.mean, std=preprocess.std, titles=titles
+            )
 
-        jobs.append(("where", where))
+        for transform in decs:
+            jobs.append((f"where_{transform}", lambda p, t=transform: where(p, t)))
     paths = {}
     for key, job in tqdm(jobs, desc="figures", disable=args.quiet):
         fig = job(folder / key)

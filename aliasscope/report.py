@@ -1,8 +1,11 @@
 """The HTML report of ``aliasscope diagnose``: one self-contained file (figures embedded as PNG data
-URIs, no scripts or styles fetched from anywhere) built from the run's ``summary.json`` content.
+URIs, the per-image table as a CSV data URI; no scripts or styles fetched from anywhere) built from the
+run's ``summary.json`` content.
 
 The report is a view of the summary: it computes nothing but the plain-language reading of the
-numbers (which ops dominate, which fix targets them).
+numbers (which ops dominate, which fix targets them, whether the spectral measure converged). When the
+run's self-checks failed (``summary["checks"]["passed"]`` False) it shows the failures instead of any
+ranking or advice.
 """
 
 from __future__ import annotations
@@ -10,10 +13,41 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIX_FOR_KIND", "advice", "render_report", "write_report"]
+from .results import rows_to_csv
+
+__all__ = [
+    "CONVERGENCE_TOLERANCE",
+    "FIX_FOR_KIND",
+    "SHARE_DEFINITION",
+    "SHARE_SHORT",
+    "advice",
+    "check_failures",
+    "convergence_verdict",
+    "per_image_rows",
+    "render_report",
+    "write_report",
+]
+
+SHARE_DEFINITION = (
+    "share = an op's fraction of the summed |contribution| over all ops and images "
+    "(sum over images of |c_op| / sum over ops and images of |c|); the sign is lost: contributions of "
+    "opposite sign, which cancel in the total, both count"
+)
+"""What "share" means wherever the report, the figures and the text summary show one."""
+
+SHARE_SHORT = "share = the op's fraction of the summed |contribution| over all ops and images; sign lost"
+""":data:`SHARE_DEFINITION` in a few words, for table captions."""
+
+_SHARE_HTML = html.escape(SHARE_DEFINITION, quote=False)
+_SHORT_HTML = html.escape(SHARE_SHORT, quote=False)
+
+CONVERGENCE_TOLERANCE = 0.10
+"""The spectral measure counts as converged when no op's alias ratio changes by this much (relative)
+between the two upsampling factors compared."""
 
 FIX_FOR_KIND: dict[str, tuple[str, str]] = {
     "nonlinearity": (
@@ -29,7 +63,7 @@ FIX_FOR_KIND: dict[str, tuple[str, str]] = {
     "pooling": ("blurpool", "replace strided pooling by blur-pooling (aliasscope fix --fix blurpool)"),
     "linear": (
         "circular_padding",
-        "a stride-1 convolution breaks equivariance only at the image border (zero padding) or where the "
+        "a stride-1 convolution breaks equivariance only where it pads (the image border) or where the "
         "generator's stencil does: try --fix circular_padding, or compare --generator fourier",
     ),
     "patch_embed": (
@@ -55,9 +89,26 @@ FIX_FOR_KIND: dict[str, tuple[str, str]] = {
 """Per op kind: the fix to try first and why (used by :func:`advice`)."""
 
 
+def check_failures(summary: dict[str, Any]) -> list[str] | None:
+    """The self-check failures of a run: None when its checks passed (or the summary has none, as
+    older summaries do), else the list of failures (never empty)."""
+    checks = summary.get("checks")
+    if not isinstance(checks, dict) or checks.get("passed", True):
+        return None
+    return [str(f) for f in checks.get("failures") or []] or ["a self-check failed (no detail given)"]
+
+
+def _is_lite(model: Any) -> bool:
+    return bool(re.search(r"efficientnet_lite", str(model)))
+
+
 def advice(summary: dict[str, Any], transform: str | None = None, top: int = 3) -> list[str]:
     """Plain-language sentences: the ``top`` ops with the largest share of the Lie derivative under
-    ``transform`` (default: the first attributed one), the dominant kind, and the fix to try."""
+    ``transform`` (default: the first attributed one; the other transforms' top ops in one sentence
+    each), the dominant kind, and the fix to try. Empty when the run's self-checks failed: its numbers
+    are not a finding, so nothing is ranked or advised."""
+    if check_failures(summary) is not None:
+        return []
     layer = summary.get("layerwise") or {}
     if not layer:
         return ["No layer attribution in this run (use --layerwise)."]
@@ -70,9 +121,18 @@ def advice(summary: dict[str, Any], transform: str | None = None, top: int = 3) 
         f"<code>{html.escape(r['name'])}</code> ({r['kind']}, {100 * r['share']:.1f}%)" for r in ops
     )
     lines.append(
-        f"Under {transform.replace('_', ' ')}, the {len(ops)} ops with the largest share of the Lie "
-        f"derivative are {names}; together {100 * sum(r['share'] for r in ops):.0f}% of it."
+        f"Under {transform.replace('_', ' ')}, the {len(ops)} of {part['num_ops']} ops with the largest "
+        f"share of the Lie derivative are {names}; together {100 * sum(r['share'] for r in ops):.0f}% of "
+        "it."
     )
+    lines.append(f"({_SHARE_HTML[0].upper() + _SHARE_HTML[1:]}.)")
+    for other, p in layer.items():
+        if other == transform or not p.get("top"):
+            continue
+        listed = ", ".join(
+            f"<code>{html.escape(r['name'])}</code> ({100 * r['share']:.1f}%)" for r in p["top"][:top]
+        )
+        lines.append(f"Under {other.replace('_', ' ')}: {listed}.")
     if kinds:
         kind, row = kinds[0]
         lines.append(
@@ -103,12 +163,85 @@ def advice(summary: dict[str, Any], transform: str | None = None, top: int = 3) 
                 "derivative, so look at borders and strides as well as nonlinearities."
             )
         )
-    lines.append(
-        "Measured on pretrained EfficientNet-Lite0/1/2 (README): without fine-tuning, every fix but "
-        "polyphase costs more than 2 points of top-1; filtered activations lower the Lie derivative by "
-        "31-44% and keep it lower after a short distillation."
-    )
+    if _is_lite(summary.get("model")):
+        lines.append(
+            "Measured on pretrained EfficientNet-Lite0/1/2 (README): without fine-tuning, every fix but "
+            "polyphase costs more than 2 points of top-1; filtered activations lower the Lie derivative by "
+            "31-44% and keep it lower after a short distillation."
+        )
+    else:
+        lines.append(
+            "Any fix changes the model: measure what it costs before adopting it (aliasscope fix compares "
+            "top-1, shift consistency and the Lie derivative before and after)."
+        )
     return lines
+
+
+_KEY = re.compile(r"max_rel_change_s(\d+)_vs_s(\d+)$")
+
+
+def convergence_verdict(
+    convergence: dict[str, float] | None, tolerance: float = CONVERGENCE_TOLERANCE
+) -> tuple[bool | None, str]:
+    """A plain verdict on the spectral measure's convergence in the upsampling factor, from
+    ``summary["spectral"]["convergence"]`` (:meth:`aliasscope.spectral.Spectrum.convergence_summary`):
+    ``(True, "converged: ...")``, ``(False, "NOT converged: ... raise --upsample ...")``, or
+    ``(None, ...)`` when it was not checked. With a factor above ``--upsample`` measured, that
+    comparison decides (it tests the factor used); otherwise the largest factor below it."""
+    found = []
+    for key, value in (convergence or {}).items():
+        m = _KEY.match(key)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), value))
+    if not found:
+        return None, (
+            "Convergence in the upsampling factor not checked (run with --convergence S, e.g. 2 or 8)."
+        )
+    above = [f for f in found if f[0] > f[1]]
+    f, u, value = max(above) if above else max(found)
+    lo, hi = sorted((f, u))
+    if value is None or value != value:
+        return None, f"Convergence not measured: no op has an alias ratio to compare at s={lo} and s={hi}."
+
+    def pct(v: float) -> str:  # two decimals where one would print the tolerance itself
+        text = f"{100 * v:.1f}"
+        return f"{100 * v:.2f}%" if float(text) == round(100 * tolerance, 1) else f"{text}%"
+
+    text = f"the largest relative change of any op's alias ratio between s={lo} and s={hi} is {pct(value)}"
+    others = [g for g in found if g[:2] != (f, u) and g[2] == g[2] and g[2] is not None]
+    also = "".join(f"; s={min(a, b)} vs s={max(a, b)}: {pct(v)}" for a, b, v in sorted(others))
+    if value < tolerance:
+        return True, f"converged: {text} (< {100 * tolerance:.0f}%){also}."
+    suggest = f"--upsample {2 * hi} --convergence {hi}" if f < u else f"--upsample {hi}"
+    return False, (
+        f"NOT converged: {text} (>= {100 * tolerance:.0f}%){also}: raise --upsample (e.g. {suggest})."
+    )
+
+
+def per_image_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per image: index, file, predicted class and its probability, label and whether it was
+    predicted (when the images are labelled), and each transform's end-to-end Lie derivative (mean over
+    classes of |L_X softmax|), from ``summary["metrics"]`` and ``summary["predictions"]``."""
+    metrics = summary.get("metrics") or {}
+    per = metrics.get("per_image") or {}
+    files = metrics.get("files") or []
+    pred = summary.get("predictions") or {}
+    classes, probs, labels = (pred.get(k) for k in ("predicted_class", "probability", "label"))
+    n = max([len(v) for v in per.values()] + [len(files), len(classes or [])])
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"image": i, "file": files[i] if i < len(files) else ""}
+        if classes is not None:
+            row["predicted_class"] = classes[i]
+            row["predicted_probability"] = f"{probs[i]:.6g}" if probs else ""
+        if labels is not None:
+            row["label"] = labels[i]
+            row["correct"] = int(classes is not None and classes[i] == labels[i])
+        for t, values in per.items():
+            v = values[i] if i < len(values) else None
+            row[t] = "" if v is None else f"{v:.9g}"
+        rows.append(row)
+    return rows
 
 
 def _fmt(v: Any) -> str:
@@ -121,7 +254,11 @@ def _fmt(v: Any) -> str:
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in columns) + "</tr>" for r in rows)
+
+    def cell(v: Any) -> str:  # text left, numbers right
+        return f"<td class='t'>{_fmt(v)}</td>" if isinstance(v, str) else f"<td>{_fmt(v)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(r.get(k)) for k, _ in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -138,7 +275,9 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px so
 text-align:right} th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
 img.figure{max-width:100%;border:1px solid #eee;margin:.5em 0} .ok{color:#2a7d2a} .bad{color:#b22}
 .summary{background:#f7f9fc;border-left:4px solid #4c72b0;padding:.6em 1em} code{font-size:.95em}
-.caption{color:#555;font-size:.92em;margin-top:-.2em}
+.caption{color:#555;font-size:.92em;margin-top:-.2em} td.t{text-align:left}
+.failed{background:#fdecec;border:2px solid #b22;color:#7a1010;padding:.6em 1em;margin:1em 0}
+.failed h2{color:#b22;border:none;margin:.2em 0}
 """
 
 # after load: every <img> must have decoded (naturalWidth > 0); the verdict goes into the page title
@@ -159,29 +298,138 @@ window.addEventListener('load', function () {
 _SETTINGS = ("model", "pretrained", "images", "num_images", "preprocess", "generator", "device", "dtype")
 _SETTINGS += ("seed", "target")
 
-FIGURE_CAPTIONS: dict[str, str] = {
-    "attribution": "Layer attribution: each op's share of the Lie derivative in call order, coloured by op "
-    "kind, stages marked; the black line is the cumulative share. Right: shares by kind per transform. "
-    "Tall early bars mean the model breaks equivariance early; a staircase in the cumulative line shows "
-    "which stages matter.",
-    "transforms": "End-to-end Lie derivative per transform (mean over images, 95% interval, log scale): "
-    "which symmetries the model breaks most.",
-    "spectral": "Left: alias energy per op along depth (circles: pointwise ops measured at higher "
-    "resolution; squares: energy that folds back at a stride). Right: radial power spectra of the op "
-    "outputs; power right of the dashed Nyquist line is what a subsampling would alias.",
-    "alias_vs_attribution": "One point per op: alias energy against its share of the Lie derivative. "
-    "If aliasing explains the equivariance error, points rise to the right (positive rank correlation).",
-    "where": "Where in the image the top ops' contributions sit: per-pixel contribution maps summed over "
-    "channels, upsampled to the photo (red positive, blue negative). Bright borders point to padding; "
-    "edges and textures point to aliasing.",
+_ORDER = ["transforms", "attribution", "where", "spectral", "convergence", "alias_vs_attribution"]
+_TITLES = {
+    "transforms": "End-to-end Lie derivative per transform",
+    "attribution": "Layer attribution",
+    "where": "Where in the image",
+    "spectral": "Aliasing energy per op",
+    "convergence": "Convergence of the alias measure in the upsampling factor",
+    "alias_vs_attribution": "Alias energy vs attribution",
 }
+
+
+def _num_ops(summary: dict[str, Any]) -> int | None:
+    layer = summary.get("layerwise") or {}
+    return next((p.get("num_ops") for p in layer.values()), None)
+
+
+def _caption(key: str, summary: dict[str, Any]) -> str:
+    """The caption under figure ``key``: what it shows, over which images and ops, and how to read it."""
+    layer = summary.get("layerwise") or {}
+    n_ops = _num_ops(summary)
+    of_ops = f" of the {n_ops} ops in layers.csv" if n_ops else ""
+    images = summary.get("num_images")
+    if key == "transforms":
+        return (
+            f"End-to-end Lie derivative per transform (mean over the {images} images of the mean over "
+            "classes of |L_X softmax|, 95% BCa bootstrap interval, log scale): which symmetries the model "
+            "breaks most."
+        )
+    if key == "attribution":
+        names = ", ".join(t.replace("_", " ") for t in layer)
+        return (
+            f"Layer attribution, one row per transform ({html.escape(names)}; all {images} images): "
+            "each op's share of the Lie derivative in call order, coloured by op kind, stage boundaries "
+            f"dotted; the 5 largest are numbered and listed on the right (top 5{of_ops}); the black line "
+            "is the cumulative share. Ops whose share is below 1e-9 in every transform (zero by "
+            "construction: data movement, eval BatchNorm, per-position linear maps) are left off the "
+            "axis. Bottom: shares by op kind per transform. "
+            f"{_SHARE_HTML}. Tall early bars mean the model breaks equivariance early."
+        )
+    if key.startswith("where"):
+        transform = key.partition("_")[2] or next(iter(layer), "")
+        info = summary.get("where") or {}
+        n = info.get("images", "the first")
+        files = ", ".join(html.escape(str(f)) for f in info.get("titles", []))
+        ranked = info.get("ranked_over", images)
+        if key not in ("where", f"where_{next(iter(layer), '')}"):  # the first one explains it all
+            return (
+                f"As above, under {html.escape(transform.replace('_', ' '))}: the top 3 ops' contribution "
+                f"maps for the first {n} of the {images} images ({files}), ranked over "
+                f"{'all ' if ranked == images else 'these '}{ranked} images; each map on its own colour "
+                "scale (its colour bar)."
+            )
+        if ranked == images:
+            which = (
+                f"The ops are the top 3{of_ops} by share in the layer attribution (ranked over all {images} "
+                "images, as in the attribution figure and the Top ops table; an op with no single image "
+                "grid, such as a pooled vector, is skipped). "
+            )
+        else:
+            which = (
+                f"The ops are ranked, and their shares computed, over these {n} images only, for the "
+                "predicted class (the layer attribution's target has no per-pixel maps). "
+            )
+        return (
+            f"Where in the image the top ops' contributions under {html.escape(transform.replace('_', ' '))} "
+            f"sit, for the first {n} of the {images} images only ({files}). {which}"
+            "Each map is dT/dh &middot; v summed over channels and upsampled to the photo; red positive, "
+            "blue negative. Each map has its own symmetric colour scale, given by its colour bar "
+            "(clipped at the 99.5th percentile of |map|): compare the patterns, and the numbers c (the "
+            "op's exact contribution on that image), not colours across panels. Contributions at the "
+            "image border point to padding; on edges and textures, to aliasing."
+        )
+    if key == "spectral":
+        return (
+            "Left: alias energy per op along depth (circles: pointwise ops measured at higher "
+            "resolution; squares: energy above the output's Nyquist frequency that folds back at a "
+            f"stride); only the ops that can alias are measured (their number{of_ops} is on the axis), "
+            "the 5 largest numbered and listed. Right: radial power spectra of the same ops' outputs; "
+            "power right of the dashed Nyquist line is only reachable along diagonals. White: "
+            "frequencies an op's grid does not have (a small grid has no samples in the outer rings)."
+        )
+    if key == "convergence":
+        return (
+            "Each pointwise op's alias ratio at every upsampling factor measured (left) and its "
+            "relative change against the factor used, --upsample (right; dashed line: the "
+            f"{100 * CONVERGENCE_TOLERANCE:.0f}% tolerance of the verdict)."
+        )
+    if key == "alias_vs_attribution":
+        names = ", ".join(t.replace("_", " ") for t in layer)
+        return (
+            "One point per op that can alias (the title says how many"
+            f"{of_ops}; eval BatchNorm and other per-pixel linear ops have alias ~0 and share 0 by "
+            "construction and are left out): alias energy against its share, the mean over "
+            f"{html.escape(names)}. "
+            "The top ops by share and by alias energy are numbered and listed. If aliasing explained the "
+            "equivariance error, points would rise to the right (positive rank correlation)."
+        )
+    return ""
+
+
+def _failed_box(failures: list[str]) -> str:
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
+    return (
+        "<div class='failed' id='self-check-failed'><h2>Self-check failed: these numbers are not a "
+        f"finding</h2><ul>{items}</ul><p>No ranking of ops and no advice is given for this run. The "
+        "figures and tables below are shown only to diagnose the failure.</p></div>"
+    )
+
+
+def _per_image_link(summary: dict[str, Any]) -> str:
+    rows = per_image_rows(summary)
+    if not rows:
+        return ""
+    given = summary.get("provenance") or {}
+    provenance = {k: v for k, v in given.items() if k not in ("versions", "command")}
+    text = rows_to_csv(rows, constant_columns=provenance)  # the same columns as per_image.csv
+    data = base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return (
+        "<p>Per-image values and predictions: <a id='per-image-csv' download='per_image.csv' "
+        f"href='data:text/csv;charset=utf-8;base64,{data}'>per_image.csv</a> ({len(rows)} rows: file, "
+        "predicted class and probability, label when given, and each transform's Lie derivative).</p>"
+    )
 
 
 def render_report(
     summary: dict[str, Any], figures: dict[str, str | Path], files: list[str] | None = None
 ) -> str:
-    """The report as one HTML string: summary, figures (embedded), tables and settings; ``files``: the
-    other files of the output folder, named at the end (default: those ``aliasscope diagnose`` can write)."""
+    """The report as one HTML string: self-check verdict, summary, figures (embedded), tables and
+    settings; ``files``: the other files of the output folder, named at the end (default: those
+    ``aliasscope diagnose`` can write). A failed self-check puts a red box with the failures at the
+    top and leaves out the ranking tables, the advice and the plain-language summary of top offenders."""
+    failures = check_failures(summary)
     provenance = summary.get("provenance") or {}
     weights = provenance.get("weights") or ("pretrained" if summary.get("pretrained") else "random-init")
     parts = [
@@ -190,48 +438,74 @@ def render_report(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>aliasscope: where <code>{html.escape(str(summary.get('model')))}</code> "
         "breaks its symmetries</h1>",
+    ]
+    if failures is not None:
+        parts.append(_failed_box(failures))
+    parts.append(
         f"<p>Weights: {html.escape(str(weights))}; "
         f"{summary.get('num_images')} "
         f"images from {html.escape(str(summary.get('images')))}; {summary.get('generator')} generator; "
-        f"device {summary.get('device')}; {summary.get('seconds')} s.",
-    ]
+        f"device {summary.get('device')}; {summary.get('seconds')} s."
+    )
     if summary.get("top1") is not None:
         parts.append(f" Top-1 accuracy on the labelled images: {100 * summary['top1']:.1f}%.")
+    if failures is None and isinstance(summary.get("checks"), dict):
+        parts.append(" <span class='ok'>Self-checks passed.</span>")
     parts.append("</p><h2>Summary</h2><div class='summary'>")
-    parts += [f"<p>{line}</p>" for line in advice(summary)]
+    if failures is None:
+        parts += [f"<p>{line}</p>" for line in advice(summary)]
+    else:
+        parts.append("<p class='bad'>Self-check failed: no ranking and no advice for this run.</p>")
+    sp = summary.get("spectral")
+    if sp:
+        parts.append(f"<p>{_verdict_html(sp)}</p>")
     parts.append("</div>")
 
-    order = ["transforms", "attribution", "where", "spectral", "alias_vs_attribution"]
-    titles = {
-        "transforms": "End-to-end Lie derivative per transform",
-        "attribution": "Layer attribution",
-        "where": "Where in the image",
-        "spectral": "Aliasing energy per op",
-        "alias_vs_attribution": "Alias energy vs attribution",
-    }
+    layer_order = [f"where_{t}" for t in summary.get("layerwise") or {}]
+    order = _ORDER[:2] + layer_order + _ORDER[2:]
+    placed_csv = False
     for key in order + [k for k in figures if k not in order]:
         if key not in figures:
             continue
-        parts.append(f"<h2>{titles.get(key, key)}</h2>")
-        parts.append(_image(Path(figures[key]), titles.get(key, key)))
-        if key in FIGURE_CAPTIONS:
-            parts.append(f"<p class='caption'>{FIGURE_CAPTIONS[key]}</p>")
-        if key == "transforms" and summary.get("intervals"):
-            rows = [
-                {"transform": t, "mean": v[0], "low": v[1], "high": v[2]}
-                for t, v in summary["intervals"].items()
-            ]
-            columns = [
-                ("transform", "transform"),
-                ("mean", "mean |L_X softmax|"),
-                ("low", "95% low"),
-                ("high", "95% high"),
-            ]
-            parts.append(_table(rows, columns))
+        title = _TITLES.get(key) or (
+            f"Where in the image: {key.partition('_')[2].replace('_', ' ')}"
+            if key.startswith("where_")
+            else key
+        )
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(_image(Path(figures[key]), title))
+        caption = _caption(key, summary)
+        if caption:
+            parts.append(f"<p class='caption'>{caption}</p>")
+        if failures is not None and key != "transforms":
+            parts.append("<p class='bad'>Self-check failed: shown for diagnosis, not a finding.</p>")
+        if key == "transforms":
+            if summary.get("intervals"):
+                rows = [
+                    {"transform": t, "mean": v[0], "low": v[1], "high": v[2]}
+                    for t, v in summary["intervals"].items()
+                ]
+                columns = [
+                    ("transform", "transform"),
+                    ("mean", "mean |L_X softmax|"),
+                    ("low", "95% low"),
+                    ("high", "95% high"),
+                ]
+                parts.append(_table(rows, columns))
+            parts.append(_per_image_link(summary))
+            placed_csv = True
         if key == "attribution":
-            parts.append(_layer_tables(summary))
-        if key == "spectral" and summary.get("spectral"):
-            parts.append(_spectral_tables(summary["spectral"]))
+            parts.append(_layer_tables(summary, failed=failures is not None))
+        if key == "spectral" and sp:
+            parts.append(_spectral_tables(sp, failed=failures is not None))
+        if key == "convergence" and sp:
+            parts.append(f"<p><b>{_verdict_html(sp)}</b></p>")
+    if not placed_csv:
+        parts.append(_per_image_link(summary))
+    if "attribution" not in figures and summary.get("layerwise"):
+        parts.append("<h2>Layer attribution</h2>" + _layer_tables(summary, failed=failures is not None))
+    if "spectral" not in figures and sp:
+        parts.append("<h2>Aliasing energy per op</h2>" + _spectral_tables(sp, failed=failures is not None))
 
     parts.append("<h2>Settings and versions</h2>")
     settings = {k: summary[k] for k in _SETTINGS if k in summary}
@@ -243,7 +517,8 @@ def render_report(
     if files is None:
         parts.append(
             "<p class='caption'>Files next to this report: summary.json, metrics.csv (per image and "
-            "transform), layers.csv (per op and transform), spectral.csv (per op), figures/*.png|svg.</p>"
+            "transform), per_image.csv (per image: predictions and each transform's value), layers.csv "
+            "(per op and transform), spectral.csv (per op), figures/*.png|svg.</p>"
         )
     else:
         others = [f for f in files if f != "report.html" and "/" not in f]
@@ -255,7 +530,13 @@ def render_report(
     return "\n".join(parts)
 
 
-def _layer_tables(summary: dict[str, Any]) -> str:
+def _verdict_html(sp: dict[str, Any]) -> str:
+    ok, text = convergence_verdict(sp.get("convergence"))
+    cls = {True: "ok", False: "bad", None: ""}[ok]
+    return f"<span class='{cls}' id='convergence-verdict'>Spectral convergence: {html.escape(text)}</span>"
+
+
+def _layer_tables(summary: dict[str, Any], failed: bool = False) -> str:
     layer = summary.get("layerwise") or {}
     if not layer:
         return ""
@@ -272,29 +553,41 @@ def _layer_tables(summary: dict[str, Any]) -> str:
     )
     columns = [("transform", "transform"), ("ops", "ops"), ("error", "relative error"), ("verdict", "")]
     out.append(_table(rows, columns))
+    if failed:
+        out.append("<p class='bad'>Self-check failed: shares by kind and the Top ops ranking left out.</p>")
+        return "\n".join(out)
     kinds = list(dict.fromkeys(k for part in layer.values() for k in part["by_kind"]))
     by_kind = [
         {"kind": k, **{t: 100 * part["by_kind"].get(k, {}).get("share", 0.0) for t, part in layer.items()}}
         for k in kinds
     ]
     out.append("<h3>Share by op kind (%)</h3>")
+    out.append(f"<p class='caption'>A kind's share is the sum of its ops' shares ({_SHORT_HTML}).</p>")
     out.append(_table(by_kind, [("kind", "kind")] + [(t, t) for t in layer]))
-    first = next(iter(layer))
-    out.append(f"<h3>Top ops under {html.escape(first)}</h3>")
-    top = [{**r, "share": 100 * r["share"]} for r in layer[first]["top"]]
-    columns = [
-        ("order", "#"),
-        ("name", "op"),
-        ("kind", "kind"),
-        ("shape", "shape"),
-        ("share", "share %"),
-        ("mean", "mean contribution"),
-    ]
-    out.append(_table(top, columns))
+    for t, part in layer.items():
+        out.append(
+            f"<h3>Top ops under {html.escape(t)} (top {len(part['top'])} of {part['num_ops']} ops)</h3>"
+        )
+        top = [{**r, "rank": i, "share": 100 * r["share"]} for i, r in enumerate(part["top"], start=1)]
+        columns = [
+            ("rank", "rank"),
+            ("order", "order (call)"),
+            ("name", "op"),
+            ("kind", "kind"),
+            ("shape", "shape"),
+            ("share", "share %"),
+            ("mean", "mean contribution"),
+        ]
+        out.append(_table(top, columns))
+    out.append(
+        "<p class='caption'>rank: by share (1 = largest); order (call): the op's position in the "
+        "model's call order (column <code>order</code> of layers.csv); mean contribution: the signed "
+        f"contribution averaged over images; {_SHORT_HTML}.</p>"
+    )
     return "\n".join(out)
 
 
-def _spectral_tables(sp: dict[str, Any]) -> str:
+def _spectral_tables(sp: dict[str, Any], failed: bool = False) -> str:
     rows = [
         {"kind": k, **r}
         for k, r in sp.get("by_kind", {}).items()
@@ -315,14 +608,29 @@ def _spectral_tables(sp: dict[str, Any]) -> str:
             ],
         ),
     ]
-    if sp.get("top"):
+    if sp.get("top") and not failed:
         out.append("<h3>Ops with the most alias energy</h3>")
-        columns = [("name", "op"), ("kind", "kind"), ("alias", "alias energy"), ("lie_share", "Lie share")]
-        out.append(_table(sp["top"], columns))
-    conv = sp.get("convergence") or {}
-    if conv:
-        text = "; ".join(f"{k.replace('_', ' ')} = {v:.3g}" for k, v in conv.items())
-        out.append(f"<p class='caption'>Convergence in the upsampling factor: {html.escape(text)}.</p>")
+        top = [
+            {
+                **r,
+                "rank": i,
+                "lie_share": 100 * r["lie_share"] if r.get("lie_share") is not None else math.nan,
+            }
+            for i, r in enumerate(sp["top"], start=1)
+        ]
+        columns = [
+            ("rank", "rank"),
+            ("order", "order (call)"),
+            ("name", "op"),
+            ("kind", "kind"),
+            ("alias", "alias energy"),
+            ("lie_share", "share % (mean of transforms)"),
+        ]
+        out.append(_table(top, columns))
+        out.append(
+            "<p class='caption'>rank: by alias energy; share: the op's share of the Lie derivative, "
+            f"averaged over the layer transforms ({_SHORT_HTML}).</p>"
+        )
     return "\n".join(out)
 
 

@@ -202,7 +202,8 @@ def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Pat
     assert (out / "layers.csv").exists()
 
 
-FIGURES = ("transforms", "attribution", "spectral", "alias_vs_attribution", "where")
+FIGURES = ("transforms", "attribution", "spectral", "alias_vs_attribution", "where_translate_x")
+FIGURES += ("where_rotate",)  # one where-in-the-image figure per layer transform
 
 
 def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:
@@ -271,3 +272,25 @@ def test_fix_rejects_an_unknown_fix(tmp_path: Path, capsys: pytest.CaptureFixtur
     argv = ["fix", *TINY, "--images", str(_photos(tmp_path / "imgs", 1)), "--out", str(tmp_path / "o")]
     assert main([*argv, "--fix", "blurpool+sharpen"]) == 2
     assert "unknown fix 'blurpool+sharpen'" in _error_line(capsys)
+
+
+def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, monkeypatch, capsys) -> None:
+    """End to end: with every check's tolerance at 0 the real checks fail, and the report, the text
+    summary and summary.json say so instead of ranking ops or advising a fix."""
+    import importlib
+
+    dec = importlib.import_module("aliasscope.decompose")  # the module (the package exports the function)
+    monkeypatch.setattr(dec, "TOLERANCES", {k: 0.0 for k in dec.TOLERANCES})
+    imgs = _photos(tmp_path / "imgs", 2)
+    argv = ["diagnose", *[a for a in TINY if a != "--quiet"], "--images", str(imgs)]
+    argv += ["--out", str(tmp_path / "o"), "--layer-transforms", "translate_x", "--no-spectral"]
+    argv += ["--where-images", "0"]
+    with pytest.warns(dec.SelfCheckWarning, match="not a finding"):
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["checks"]["passed"] is False and summary["checks"]["failures"]
+    assert set(summary["checks"]["ran"]) == {"completeness", "total_vs_jvp"}
+    assert "SELF-CHECK FAILED" in printed and "fix --fix" not in printed
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "id='self-check-failed'" in page and "<h3>Top ops" not in page and "fix --fix" not in page

@@ -282,16 +282,16 @@ def test_a_second_run_with_fewer_outputs_leaves_no_stale_file(tmp_path: Path, ca
     assert cli.main(_argv(tmp_path, *first, quiet=False)) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert WROTE.fullmatch(line).groups() == (
-        "layers.csv, metrics.csv, summary.json and manifest.json (4 files)",
+        "layers.csv, metrics.csv, per_image.csv, summary.json and manifest.json (5 files)",
         str(out),
     )
     assert cli.main(_argv(tmp_path, *LEAN, quiet=False)) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert WROTE.fullmatch(line).groups() == (
-        "metrics.csv, summary.json and manifest.json (3 files)",
+        "metrics.csv, per_image.csv, summary.json and manifest.json (4 files)",
         str(out),
     )
-    assert sorted(_snapshot(out)) == [MANIFEST, "metrics.csv", "summary.json"]  # layers.csv is gone
+    assert sorted(_snapshot(out)) == [MANIFEST, "metrics.csv", "per_image.csv", "summary.json"]  # no layers
     assert _siblings(out) == []
 
 
@@ -301,11 +301,17 @@ def test_the_final_line_names_the_report_and_the_figures(tmp_path: Path, capsys)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     written = _snapshot(tmp_path / "out")
     figures = ["figures/transforms.png", "figures/transforms.svg"]
-    assert sorted(written) == sorted([MANIFEST, *figures, "metrics.csv", "report.html", "summary.json"])
-    listed = f"metrics.csv, report.html, summary.json, manifest.json and figures/ ({len(written)} files)"
+    assert sorted(written) == sorted(
+        [MANIFEST, *figures, "metrics.csv", "per_image.csv", "report.html", "summary.json"]
+    )
+    listed = (
+        f"metrics.csv, per_image.csv, report.html, summary.json, manifest.json and figures/ "
+        f"({len(written)} files)"
+    )
     assert WROTE.fullmatch(line).group(1) == listed
     page = written["report.html"].decode()
-    assert "Files next to this report: metrics.csv, summary.json, manifest.json, figures/." in page
+    names = "metrics.csv, per_image.csv, summary.json, manifest.json, figures/"
+    assert f"Files next to this report: {names}." in page
     assert "Weights: random init" in page
 
 
@@ -354,7 +360,7 @@ def test_ctrl_c_mid_run_exits_130_and_leaves_the_folder_as_it_was(
 
     monkeypatch.setattr(cli, "_layerwise", interrupted)
     assert cli.main(_argv(tmp_path, "--layerwise", "--no-spectral", "--no-report")) == 130
-    assert seen == [["metrics.csv"]]
+    assert seen == [["metrics.csv", "per_image.csv"]]
     captured = capsys.readouterr()
     if earlier:
         expected = (
