@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_images, smooth_cnn
+from model_state import assert_unchanged, snapshot
 from PIL import Image
 from torch import nn
 
@@ -373,27 +374,6 @@ def test_one_clear_error(call: Callable[[], object], error: type[Exception], mat
 # -- the model comes back unchanged after an error half-way ---------------------------------------
 
 
-def _hooks(model: nn.Module) -> list[int]:
-    return [
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    ]
-
-
-def _snapshot(model: nn.Module):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return state, [m.training for m in model.modules()], _hooks(model)
-
-
-def _assert_unchanged(model: nn.Module, snap) -> None:
-    state, modes, hooks = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k in state:
-        assert torch.equal(now[k], state[k]), k
-    assert [m.training for m in model.modules()] == modes
-    assert _hooks(model) == hooks
-
-
 def _mixed(model: nn.Module) -> nn.Module:
     """Train mode with one submodule in eval mode and a hook of the user's: all must survive."""
     model.train()
@@ -420,10 +400,10 @@ def _mixed(model: nn.Module) -> nn.Module:
 )
 def test_model_unchanged_after_the_error(make, call, match: str) -> None:
     model = _mixed(make())
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=match):
         call(model)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 # -- requests that have a meaningful answer ------------------------------------------------------

@@ -5,39 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_images, smooth_cnn
+from model_state import assert_unchanged, snapshot
 from torch import nn
 
 from aliasscope.lie import equivariance_metrics, finite_difference, lie_derivative
-
-
-def _hook_count(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
-
-
-def _snapshot(model: nn.Module) -> tuple[dict, list[bool], int]:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return state, [m.training for m in model.modules()], _hook_count(model)
-
-
-def _assert_unchanged(model: nn.Module, snap: tuple[dict, list[bool], int]) -> None:
-    state, modes, hooks = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k in state:
-        assert torch.equal(now[k], state[k]), k
-    assert [m.training for m in model.modules()] == modes
-    assert _hook_count(model) == hooks
 
 
 @pytest.mark.parametrize("fn", [lie_derivative, finite_difference])
 def test_model_unchanged_in_train_mode(fn) -> None:
     net = smooth_cnn().train()
     net[2].eval()  # a mixed state must come back mixed
-    snap = _snapshot(net)
+    snap = snapshot(net)
     fn(net, random_images(), "rotate", output="softmax")
-    _assert_unchanged(net, snap)
+    assert_unchanged(net, snap)
 
 
 def test_model_unchanged_after_error_half_way() -> None:
@@ -54,17 +34,17 @@ def test_model_unchanged_after_error_half_way() -> None:
             raise RuntimeError("boom")
 
     model = Exploding().train()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="boom"):
         lie_derivative(model, random_images(), "translate_x")
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
     def bad_head(y: torch.Tensor) -> torch.Tensor:
         raise KeyError("head failed")
 
     with pytest.raises(KeyError, match="head failed"):
         equivariance_metrics(model.body, random_images(), ["rotate"], output=bad_head, progress=False)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize(
