@@ -104,7 +104,6 @@ class Mutation:
     args: tuple
     kwargs: dict
     returns: str = "target"
-    name: str = ""
 
 
 def _cast_like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -194,11 +193,11 @@ def as_mutation(func: Any, args: tuple, kwargs: dict) -> Mutation | None:
             return None
         bound.arguments["inplace"] = False
         target = bound.args[0] if bound.args else bound.arguments["input"]
-        return Mutation(target, func, bound.args, bound.kwargs, name=func.__name__)
+        return Mutation(target, func, bound.args, bound.kwargs)
     out = kwargs.get("out") if kwargs else None
     if isinstance(out, torch.Tensor):
         rest = {k: v for k, v in kwargs.items() if k != "out"}
-        return Mutation(out, _cast_result(func, out.dtype), args, rest, name=getattr(func, "__name__", "out"))
+        return Mutation(out, _cast_result(func, out.dtype), args, rest)
     if isinstance(out, tuple | list) and any(isinstance(o, torch.Tensor) for o in out):
         raise NotImplementedError(
             f"{getattr(func, '__name__', func)}(..., out=(...)) with several output tensors cannot be "
@@ -206,10 +205,10 @@ def as_mutation(func: Any, args: tuple, kwargs: dict) -> Mutation | None:
         )
     name = getattr(func, "__name__", "")
     if name == "__setitem__" and func is torch.Tensor.__setitem__:
-        return Mutation(args[0], setitem, tuple(args), dict(kwargs), returns="none", name="setitem")
+        return Mutation(args[0], setitem, tuple(args), dict(kwargs), returns="none")
     if name in _INPLACE_DUNDERS and getattr(torch.Tensor, name, None) is func:
         twin = getattr(torch.Tensor, _INPLACE_DUNDERS[name])
-        return Mutation(args[0], _cast_result(twin), args, kwargs, name=name)
+        return Mutation(args[0], _cast_result(twin), args, kwargs)
     if not name.endswith("_") or name.startswith("_") or name in _NOT_WRITES:
         return None
     if not args or not isinstance(args[0], torch.Tensor):
@@ -220,14 +219,14 @@ def as_mutation(func: Any, args: tuple, kwargs: dict) -> Mutation | None:
             f"x = x.{name[:-1]}(...) instead"
         )
     if name == "copy_":
-        return Mutation(args[0], _copy, args, kwargs, name="copy")
+        return Mutation(args[0], _copy, args, kwargs)
     twin = _twin(func, name)
     target = args[0]
     if twin is None:
         if getattr(torch.Tensor, name, None) is not func and getattr(torch, name, None) is not func:
             return None  # not a torch in-place op (a user function whose name ends with "_")
-        return Mutation(target, _clone_then(func), args, kwargs, name=name[:-1])
-    return Mutation(target, _cast_result(twin), args, kwargs, name=name[:-1])
+        return Mutation(target, _clone_then(func), args, kwargs)
+    return Mutation(target, _cast_result(twin), args, kwargs)
 
 
 def without_out(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict] | None:
