@@ -311,6 +311,27 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         )
     ),
     ("load_model-None", lambda: asc.load_model(None), TypeError, r"name or a checkpoint path.*NoneType"),
+    # half precision: refused with the fix (8-11 mantissa bits gave errors of several percent)
+    *(
+        (
+            f"half-{name}-{dtype}",
+            functools.partial(lambda f, d: f(smooth_cnn().to(d), X.to(d)), f, dtype),
+            ValueError,
+            r"computes in float32 or float64.*model is torch\.b?float16.*model\.float\(\) and images\.float",
+        )
+        for dtype in (torch.float16, torch.bfloat16)
+        for name, f in (
+            ("lie", lambda m, x: asc.lie_derivative(m, x, "rotate")),
+            ("decompose", lambda m, x: asc.decompose(m, x, "rotate")),
+            ("metrics", lambda m, x: asc.equivariance_metrics(m, x, ["rotate"], progress=False)),
+        )
+    ),
+    (
+        "half-images",
+        lambda: asc.lie_derivative(smooth_cnn().float(), X.float().half(), "rotate"),
+        ValueError,
+        r"images are torch\.float16",
+    ),
     (
         "load_model-empty-pth",
         lambda: asc.load_model(_empty_checkpoint()),
