@@ -3,11 +3,11 @@
 A kind is what an op is for the analysis (a nonlinearity, a strided conv, a position embedding...):
 :mod:`aliasscope.capture` gives every recorded op one, the figures colour ops by it, the report
 suggests a fix per kind, and the decomposition skips ops of a ``zero`` kind whose layout does not
-change. Everything a kind needs is in its record here, so adding one is one :func:`register_kind`
-call (or one entry in :data:`_BUILTIN`) plus its test:
+change. Everything a kind needs is in its record here, so adding one is one entry in
+:data:`_BUILTIN` (as ``recurrent`` was) or one :func:`register_kind` call, plus its test:
 
-    register_kind(Kind("recurrent", "LSTM/GRU/RNN layers", colour="#ffbb78", precedence=65,
-                       functions=frozenset({"lstm", "gru"}), names_region=True))
+    register_kind(Kind("padding", "explicit padding of an activation (F.pad)", colour="#c49c94",
+                       precedence=115, functions={"pad"}))
 
 :data:`KINDS` (name -> description), :data:`KIND_COLOURS` (name -> colour) and :data:`FIX_FOR_KIND`
 (name -> (fix, advice)) are views of the registry, kept in step with it by :func:`register_kind` and
@@ -245,6 +245,14 @@ _BUILTIN: tuple[Kind, ...] = (
         "MLPs that mix tokens (MLP-Mixer)",
         colour="#bcbd22",
         precedence=60,
+    ),
+    Kind(
+        "recurrent",
+        "recurrent layers scanning the grid's rows or columns (LSTM, GRU, RNN; Sequencer)",
+        colour="#ffbb78",
+        precedence=65,
+        functions=frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"}),
+        names_region=True,
     ),
     Kind(
         "residual",

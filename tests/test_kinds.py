@@ -233,3 +233,39 @@ def test_by_kind_panels_show_every_kind_of_a_result(temporary_kind) -> None:
     fig = plots.plot_comparison(result)
     ax = next(a for a in fig.axes if "by op kind" in a.get_title())
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["linear", "rare", "from_elsewhere"]
+
+
+class _RowGRU(nn.Module):
+    """A token mixer scanning each row with a GRU (rows folded into the batch, as in Sequencer)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(c, c, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        b, h, w, c = x.shape
+        return self.rnn(x.reshape(b * h, w, c))[0].reshape(b, h, w, c)
+
+
+def test_recurrent_kind_names_regions_with_rnns() -> None:
+    """The kind added by one registry entry: a region recorded whole because its RNN folds rows into
+    the batch was 'block'; with an RNN in it, it is 'recurrent' (Sequencer's LSTM2d mixers)."""
+    assert get_kind("recurrent").names_region and not get_kind("recurrent").zero
+    torch.manual_seed(0)
+    model = timm.create_model("sequencer2d_s", layers=[1, 1, 1, 1]).eval()
+    with torch.no_grad(), record(model) as rec:
+        model(torch.randn(1, 3, 64, 64))
+    ops = {op.name: op.kind for op in rec}
+    mixers = [n for n in ops if n.endswith(".rnn_tokens")]
+    assert len(mixers) == 4 and {ops[n] for n in mixers} == {"recurrent"}
+    assert "block" not in ops.values()
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Permute(), _RowGRU(4)).double().eval()
+    with torch.no_grad(), record(model) as rec:
+        model(random_images(1, 3, 6, 6))
+    assert {op.name: op.kind for op in rec}["2"] == "recurrent"
+
+
+class _Permute(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
