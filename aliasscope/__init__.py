@@ -7,7 +7,8 @@ Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~
 (their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics)
 -> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decompose` (exact
 per-op attribution with a completeness check) / :mod:`~aliasscope.spectral` (aliasing energy per op),
-with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos.
+with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos; the op kinds
+are one registry, :mod:`~aliasscope.kinds`.
 
 Quick start::
 
@@ -28,6 +29,7 @@ from .data import ImageBatch, load_images
 from .decompose import Decomposition, decompose
 from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
 from .generators import GENERATORS, apply_generator, generator_names
+from .kinds import Kind, get_kind, register_kind
 from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
 from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
 from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
@@ -79,6 +81,9 @@ __all__ = [
     "Recording",
     "OpRecord",
     "KINDS",
+    "Kind",
+    "get_kind",
+    "register_kind",
     "decompose",
     "Decomposition",
     # spectra

@@ -29,7 +29,8 @@ Op kinds (:data:`KINDS`): ``nonlinearity``, ``downsampling``, ``upsampling``, ``
 ``attention``, ``patch_embed``, ``position_embed``, ``pooling``, ``linear`` (stride-1 convs, linear
 layers, per-channel scales), ``token_mixing`` (MLPs across tokens, as in MLP-Mixer), ``residual``
 (sums of activations), ``layout`` (reshapes, permutes, slicing, concatenation, dropout in eval),
-``block`` (a module recorded whole) and ``other``.
+``block`` (a module recorded whole) and ``other``; each is a record of the registry
+:mod:`aliasscope.kinds`, which also holds the function names that mean it.
 """
 
 from __future__ import annotations
@@ -46,69 +47,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .checks import check_layouts, check_model, check_units
-from .layout_rules import ACTIVATIONS, NORMS, PERMUTES, RESHAPES, func_name, propagate
+from .kinds import KINDS, get_kind, is_zero_kind, kind_of_function, precedence_order
+from .layout_rules import func_name, propagate
 from .layouts import BCHW, Layout
 from .mutation import Functionalizer, as_mutation
 
 __all__ = ["KINDS", "PAPER_UNITS", "OpRecord", "Recording", "record", "select_ops"]
 
-KINDS: dict[str, str] = {
-    "nonlinearity": "pointwise nonlinearities and gating (ReLU, GELU, SiLU, sigmoid gates, x * y)",
-    "downsampling": "strided convolutions and pooling, patch merging, resizing down",
-    "upsampling": "transposed convolutions, resizing up, pixel shuffle",
-    "normalisation": "batch/layer/group/RMS norm",
-    "attention": "self-attention: softmax(q k^T) v, attention modules",
-    "patch_embed": "the patch embedding of a vision transformer or MLP-Mixer",
-    "position_embed": "adding a learned or fixed position embedding to an activation",
-    "pooling": "global pooling, means over space, class-token readout",
-    "linear": "stride-1 convolutions, linear layers, per-channel scales",
-    "token_mixing": "MLPs that mix tokens (MLP-Mixer)",
-    "residual": "sums of two activations (skip connections)",
-    "layout": "reshape, permute, slicing, concatenation, identity, dropout in eval",
-    "block": "a module recorded as one op (its internals have no known layout)",
-    "other": "anything else",
-}
-"""The op taxonomy, with one line each."""
-
-_ZERO_KINDS = {"layout"}
-_NONLINEAR = ACTIVATIONS
-_NORMS = NORMS
-_LAYOUT_OPS = (
-    RESHAPES
-    | PERMUTES
-    | {
-        "contiguous",
-        "clone",
-        "to",
-        "float",
-        "double",
-        "half",
-        "type",
-        "type_as",
-        "detach",
-        "getitem",
-        "cat",
-        "concat",
-        "concatenate",
-        "stack",
-        "unbind",
-        "select",
-        "split",
-        "chunk",
-        "tensor_split",
-        "expand",
-        "expand_as",
-        "broadcast_to",
-        "dropout",
-        "dropout1d",
-        "dropout2d",
-        "dropout3d",
-        "alpha_dropout",
-        "identity",
-        "_unpack_dual",
-        "_make_dual",
-    }
-)
+_LAYOUT_OPS = get_kind("layout").functions
 _POOL_REDUCE = {
     "mean",
     "sum",
@@ -155,21 +101,40 @@ _PLAIN_BINARY = {
     torch.Tensor.__add__,
     torch.Tensor.__sub__,
 }
-_PRECEDENCE = [
-    "attention",
-    "patch_embed",
-    "downsampling",
-    "upsampling",
-    "position_embed",
-    "token_mixing",
-    "nonlinearity",
-    "normalisation",
-    "pooling",
-    "residual",
-    "linear",
-    "other",
-    "layout",
-]
+# calls that capture reads from their arguments (strides, sizes, dims, inputs): their function name
+# alone does not say their kind (for the others, Kind.functions does)
+_ARGUMENT_RULES = (
+    frozenset(
+        {
+            "matmul",
+            "bmm",
+            "einsum",
+            "softmax",
+            "log_softmax",
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "avg_pool2d",
+            "max_pool2d",
+            "lp_pool2d",
+            "max_pool2d_with_indices",
+            "interpolate",
+            "upsample",
+            "upsample_bilinear",
+            "upsample_nearest",
+            "conv_transpose2d",
+            "pixel_shuffle",
+            "pixel_unshuffle",
+            "getitem",
+            "add",
+            "sub",
+            "mul",
+            "div",
+            "true_divide",
+        }
+    )
+    | _POOL_REDUCE
+)
 
 
 PAPER_UNITS: tuple[str, ...] = (
@@ -248,7 +213,7 @@ class OpRecord:
         if _per_position_linear(self):
             return True
         return (
-            self.kind in _ZERO_KINDS
+            is_zero_kind(self.kind)
             and all(lay == self.layout or not lay.is_image_like for lay in self.in_layouts)
             and self.op != "getitem"
         )
@@ -812,11 +777,10 @@ def _stride_gt_one(args: tuple, kwargs: dict, index: int, default: Any = 1) -> b
 def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_layouts, path) -> str:
     if "patch_embed" in path:
         return "patch_embed"
-    if name in _NONLINEAR:
-        return "nonlinearity"
-    if name in _NORMS:
-        return "normalisation"
-    if name == "scaled_dot_product_attention" or (name in ("matmul", "bmm", "einsum") and sum(deps) > 1):
+    named = kind_of_function(name)
+    if named is not None and name not in _ARGUMENT_RULES:
+        return named  # nonlinearities, norms, attention, linear, layout ops: the registry's functions
+    if name in ("matmul", "bmm", "einsum") and sum(deps) > 1:
         return "attention"
     if name in ("softmax", "log_softmax"):
         lay = next((lay for lay, d in zip(layouts, deps, strict=True) if d), None)
@@ -867,10 +831,6 @@ def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_lay
         return "linear"
     if name in ("mul", "div", "true_divide"):
         return "nonlinearity" if sum(deps) > 1 else "linear"
-    if name == "linear":
-        return "linear"
-    if name in _LAYOUT_OPS:
-        return "layout"
     return "other"
 
 
@@ -929,29 +889,20 @@ def _kind_of_unit(call: _Call) -> str:
         return "downsampling"
     if "pool" in cls:
         return "pooling"
-    if "norm" in cls or any(f in _NORMS for f in call.funcs):
+    if "norm" in cls or any(_kind_of_name(f) == "normalisation" for f in call.funcs):
         return "normalisation"
     if isinstance(call.module, nn.Linear):
         return "linear"
     kinds = {_kind_of_name(f) for f in call.funcs}
-    for k in _PRECEDENCE:
+    for k in precedence_order():
         if k in kinds:
             return k
-    return "layout" if not call.funcs or all(f in _LAYOUT_OPS for f in call.funcs) else "other"
+    return "layout" if not call.funcs or all(_kind_of_name(f) == "layout" for f in call.funcs) else "other"
 
 
 def _kind_of_name(name: str) -> str:
-    if name in _NONLINEAR:
-        return "nonlinearity"
-    if name in _NORMS:
-        return "normalisation"
-    if name in ("scaled_dot_product_attention",):
-        return "attention"
-    if name in ("conv1d", "conv2d", "conv3d", "linear"):
-        return "linear"
-    if name in _LAYOUT_OPS:
-        return "layout"
-    return "other"
+    """The kind a function name means among a module's inner calls (``Kind.functions``)."""
+    return kind_of_function(name) or "other"
 
 
 def _kind_of_collapsed(call: _Call, ops: Sequence[OpRecord]) -> str:
@@ -959,8 +910,9 @@ def _kind_of_collapsed(call: _Call, ops: Sequence[OpRecord]) -> str:
     if kind not in ("layout", "other", "nonlinearity", "normalisation", "linear"):
         return kind
     kinds = {op.kind for op in ops}
-    if "attention" in kinds:
-        return "attention"
+    for k in precedence_order():  # a region with attention in it is that attention (Swin's windows)
+        if k in kinds and get_kind(k).names_region:
+            return k
     # a short region around a strided op (Swin's patch merging: pad, fold 2x2, norm, linear) is that
     # downsampling step; a long one is a whole block that merely contains one
     if "downsampling" in kinds and len(ops) < _SHORT_REGION:

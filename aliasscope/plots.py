@@ -12,6 +12,9 @@ and, given ``path``, writes ``path.png`` and ``path.svg``:
 - :func:`plot_where`: where in the image the top ops' contributions sit, over the photos;
 - :func:`plot_comparison`: before/after of :func:`aliasscope.compare.compare`.
 
+Ops are coloured by kind (:data:`KIND_COLOURS`, from :mod:`aliasscope.kinds`); a by-kind panel shows
+every kind its results hold, registered ones in registry order.
+
 The report figures are at most :data:`FIGURE_WIDTH` inches wide with no text below
 :data:`MIN_FONT_PT` points, so that, shown at the width of a page, no label is tiny. "Share" is
 :data:`aliasscope.report.SHARE_DEFINITION` everywhere, shown in %.
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .kinds import KIND_COLOURS, kind_colour, kind_order
 from .report import CONVERGENCE_TOLERANCE, convergence_verdict
 
 if TYPE_CHECKING:
@@ -51,23 +55,6 @@ __all__ = [
     "stage_of",
 ]
 
-KIND_COLOURS: dict[str, str] = {
-    "nonlinearity": "#d62728",
-    "downsampling": "#1f77b4",
-    "upsampling": "#17becf",
-    "normalisation": "#9467bd",
-    "attention": "#ff7f0e",
-    "patch_embed": "#8c564b",
-    "position_embed": "#e377c2",
-    "pooling": "#2ca02c",
-    "linear": "#7f7f7f",
-    "token_mixing": "#bcbd22",
-    "residual": "#aec7e8",
-    "layout": "#c7c7c7",
-    "block": "#98df8a",
-    "other": "#dbdb8d",
-}
-"""Colour of each op kind (:data:`aliasscope.KINDS`), the same in every figure."""
 
 FIGURE_WIDTH = 12.0
 """Width (inches) of the report's figures: shown at a page's width (about 1150 px) they keep their size."""
@@ -137,7 +124,7 @@ def _kind_legend(ax, kinds: list[str], extra: Sequence = (), **kwargs) -> None:
 
     kwargs.setdefault("fontsize", 9)
     ax.legend(
-        handles=[Patch(color=KIND_COLOURS.get(k, "#333333"), label=k) for k in kinds] + list(extra),
+        handles=[Patch(color=kind_colour(k), label=k) for k in kinds] + list(extra),
         **kwargs,
     )
 
@@ -288,7 +275,7 @@ def plot_layer_attribution(
         ax = fig.add_subplot(grid[r, 0], sharex=bar_axes[0] if bar_axes else None)
         bar_axes.append(ax)
         sh = 100 * shares[name][keep]
-        ax.bar(x, sh, 0.85, color=[KIND_COLOURS.get(k, "#333333") for k in kinds])
+        ax.bar(x, sh, 0.85, color=[kind_colour(k) for k in kinds])
         if log:
             ax.set_yscale("log")
         else:
@@ -350,8 +337,9 @@ def plot_layer_attribution(
     )
 
     ax = fig.add_subplot(outer[1])
+    present = kind_order(k for d in decs.values() for k in d.by_kind())
     all_kinds = [
-        k for k in KIND_COLOURS if any(d.by_kind().get(k, {}).get("share", 0) >= 1e-3 for d in decs.values())
+        k for k in present if any(d.by_kind().get(k, {}).get("share", 0) >= 1e-3 for d in decs.values())
     ]
     width = 0.8 / len(decs)
     xk = np.arange(len(all_kinds))
@@ -366,7 +354,7 @@ def plot_layer_attribution(
             pos,
             vals,
             width,
-            color=[KIND_COLOURS.get(k, "#333333") for k in all_kinds],
+            color=[kind_colour(k) for k in all_kinds],
             hatch=hatches[i % len(hatches)],
             edgecolor="white",
             label=name.replace("_", " "),
@@ -481,7 +469,7 @@ def plot_spectral(
             ax.scatter(
                 sel,
                 alias[idx[sel]],
-                c=[KIND_COLOURS.get(kinds[j], "#333333") for j in sel],
+                c=[kind_colour(kinds[j]) for j in sel],
                 marker=marker,
                 s=34,
                 edgecolors="black",
@@ -668,7 +656,7 @@ def plot_alias_vs_attribution(
     ax.scatter(
         [p[0] for p in xy],
         [p[1] for p in xy],
-        c=[KIND_COLOURS.get(r["kind"], "#333333") for r in pts],
+        c=[kind_colour(r["kind"]) for r in pts],
         s=36,
         edgecolors="black",
         linewidths=0.3,
@@ -874,13 +862,13 @@ def plot_comparison(result: Comparison, path: str | Path | None = None) -> Figur
     ax.set_title("(b) Accuracy and consistency")
 
     ax = axes[2]
-    kinds = [k for k in KIND_COLOURS if any(k in result.by_kind.get(n, {}) for n in names)]
+    kinds = kind_order(k for n in names for k in result.by_kind.get(n, {}))
     bottom = np.zeros(len(names))
     for kind in kinds:
         shares = np.array([100 * result.by_kind.get(n, {}).get(kind, {}).get("share", 0.0) for n in names])
         if not shares.any():
             continue
-        ax.bar(np.arange(len(names)), shares, 0.6, bottom=bottom, color=KIND_COLOURS[kind], label=kind)
+        ax.bar(np.arange(len(names)), shares, 0.6, bottom=bottom, color=kind_colour(kind), label=kind)
         bottom += shares
     ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel(f"% of the Lie derivative ({result.settings.get('layer_transform')}, predicted class)")

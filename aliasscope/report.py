@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .kinds import FIX_FOR_KIND
 from .results import rows_to_csv
 
 __all__ = [
@@ -48,45 +49,6 @@ _SHORT_HTML = html.escape(SHARE_SHORT, quote=False)
 CONVERGENCE_TOLERANCE = 0.10
 """The spectral measure counts as converged when no op's alias ratio changes by this much (relative)
 between the two upsampling factors compared."""
-
-FIX_FOR_KIND: dict[str, tuple[str, str]] = {
-    "nonlinearity": (
-        "filtered_activation",
-        "evaluate the nonlinearity at 2x resolution between band-limited up- and downsampling "
-        "(aliasscope fix --fix filtered_activation)",
-    ),
-    "downsampling": (
-        "blurpool",
-        "blur before subsampling (aliasscope fix --fix blurpool), or adaptive polyphase sampling "
-        "(--fix polyphase, exact for circular shifts with --fix circular_padding+polyphase)",
-    ),
-    "pooling": ("blurpool", "replace strided pooling by blur-pooling (aliasscope fix --fix blurpool)"),
-    "linear": (
-        "circular_padding",
-        "a stride-1 convolution breaks equivariance only where it pads (the image border) or where the "
-        "generator's stencil does: try --fix circular_padding, or compare --generator fourier",
-    ),
-    "patch_embed": (
-        "blurpool",
-        "the patch embedding is a stride-p convolution: it aliases whatever the image has above the "
-        "patch Nyquist frequency; a blur before it (or training with shifts) helps",
-    ),
-    "position_embed": (
-        "",
-        "a learned position embedding is not translation equivariant by construction; only retraining "
-        "with relative or smooth position codes removes it",
-    ),
-    "attention": (
-        "",
-        "attention mixes tokens by content, which commutes with integer token shifts; its share comes "
-        "from sub-token shifts between patches",
-    ),
-    "normalisation": (
-        "filtered_activation",
-        "a LayerNorm over channels acts per pixel like a nonlinearity: --fix filtered_activation wraps it",
-    ),
-}
-"""Per op kind: the fix to try first and why (used by :func:`advice`)."""
 
 
 def check_failures(summary: dict[str, Any]) -> list[str] | None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_finite_output, check_int, check_model, names_nonfinite_images, selected_ops
+from .kinds import is_pointwise_kind
 from .layouts import BCHW, Layout
 from .results import rows_to_csv, save_text, to_json_text
 
@@ -463,7 +464,7 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
         grid_in = op.unit.resample_up(grid_in)
         fn = lambda x, rows: inner(x)  # noqa: E731 (pointwise: rows do not matter)
         elementwise = _elementwise(inner)
-    pointwise = op.kind == "nonlinearity" or op.op in _POINTWISE_NORMS
+    pointwise = is_pointwise_kind(op.kind) or op.op in _POINTWISE_NORMS
     if pointwise and op.inputs[0].shape == op.outputs[0].shape:
         for s in [factor, *factors]:
             suffix = "" if s == factor else f"_s{s}"

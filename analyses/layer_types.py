@@ -23,7 +23,8 @@ import torch
 from common import PRETRAINED, RANDOM_INIT, analysis_parser, attribute, begin, model_and_images
 from scipy import stats
 
-from aliasscope.plots import KIND_COLOURS, save_figure
+from aliasscope.kinds import kind_colour, kind_order
+from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv
 
 TRANSFORMS = ["translate_x", "rotate", "scale"]
@@ -135,7 +136,11 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.patches import Patch
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    kinds = [k for k in KIND_COLOURS if any(r["kind"] == k and r["share"] > 1e-3 for r in rows)]
+    kinds = [
+        k
+        for k in kind_order(r["kind"] for r in rows)
+        if any(r["kind"] == k and r["share"] > 1e-3 for r in rows)
+    ]
     fig, ax = plt.subplots(figsize=(max(10, 1.5 * len(models) + 3), 6))
     width = 0.27
     for m_i, model in enumerate(models):
@@ -153,7 +158,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     100 * share,
                     width,
                     bottom=bottom,
-                    color=KIND_COLOURS[kind],
+                    color=kind_colour(kind),
                     hatch=["", "//", ".."][t_i],
                     edgecolor="white",
                     linewidth=0.3,
@@ -168,7 +173,7 @@ def plot(rows: list[dict], path: Path) -> None:
     )
     ax.set_ylabel("share of the Lie derivative (%)")
     ax.set_ylim(0, 100)
-    handles = [Patch(color=KIND_COLOURS[k], label=k) for k in kinds]
+    handles = [Patch(color=kind_colour(k), label=k) for k in kinds]
     handles += [
         Patch(facecolor="#bbbbbb", hatch=h, label=t.replace("_", " "), edgecolor="white")
         for h, t in zip(["", "//", ".."], TRANSFORMS, strict=True)
