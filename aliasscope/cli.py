@@ -481,10 +481,6 @@ def _figures(
     args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out: OutputFolder
 ) -> dict[str, Path]:
     """Every figure of the report into ``out/figures``; returns {key: png path}."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     from . import plots
@@ -545,8 +541,7 @@ def _figures(
             jobs.append((f"where_{transform}", lambda p, t=transform: where(p, t)))
     paths = {}
     for key, job in tqdm(jobs, desc="figures", disable=args.quiet):
-        fig = job(folder / key)
-        plt.close(fig)
+        job(folder / key)  # a bare Figure (not in pyplot's list): freed with its last reference
         paths[key] = folder / f"{key}.png"
     return paths
 

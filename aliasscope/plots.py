@@ -26,7 +26,7 @@ import functools
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .kinds import KIND_COLOURS, kind_colour, kind_order
 from .report import CONVERGENCE_TOLERANCE, convergence_verdict
@@ -88,13 +88,40 @@ def save_figure(fig: Figure, path: str | Path | None, *, dpi: int = 150) -> None
     fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """The few pyplot calls the figures make, on bare :class:`matplotlib.figure.Figure` objects:
+    no backend is chosen or switched and nothing joins pyplot's list of open figures, so a notebook's
+    backend and figures stay as they were (a returned figure still displays inline in Jupyter)."""
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def figure(**kwargs: Any) -> Figure:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(**kwargs)
+        FigureCanvasAgg(fig)  # its own raster canvas: text extents for label placement, PNG output
+        return fig
+
+    @classmethod
+    def subplots(cls, nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, **kwargs: Any):
+        fig = cls.figure(figsize=figsize, layout=layout)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def rc_context(rc: dict[str, Any]):
+        import matplotlib
+
+        return matplotlib.rc_context(rc)
+
+    @staticmethod
+    def get_cmap(name: str):
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def _styled(fn):
@@ -809,12 +836,9 @@ def plot_where(
 def plot_comparison(result: Comparison, path: str | Path | None = None) -> Figure:
     """Before/after figure: (a) end-to-end Lie derivative per transform with 95% intervals (log scale),
     (b) accuracy and consistency, (c) share of the Lie derivative by op kind, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     rows, transforms = result.rows, result.settings.get("transforms", [])
     names = [r["model"] for r in rows]
     colours = plt.get_cmap("tab10")(np.arange(len(names)) % 10)
