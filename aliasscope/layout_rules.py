@@ -14,8 +14,9 @@ name without a rule goes to the fallbacks, in this order: the elementwise maps o
 other call that keeps the shape keeps the layout; anything else is unknown. :func:`rules_for` says
 which rules a name goes through.
 
-Adding a rule is one decorated function here, plus its case in ``tests/test_layout_rules.py`` (a
-test fails for a registered name without one)::
+Adding a rule is one decorated function here, plus its cases in ``BY_RULE`` of
+``tests/test_layout_rules.py``: exact layouts, and one it cannot know (a test fails for a registered
+name or a rule without them)::
 
     @rule("channel_shuffle", "native_channel_shuffle")
     def _channel_shuffle(call: Call) -> list[Layout | None] | None:
@@ -31,7 +32,7 @@ output makes it unknown). Options of :func:`rule`: ``needs_layout=False`` for a 
 when ``call.layout`` is unknown (else its outputs are unknown then), ``windows=True`` for a rule
 that may see window-partitioned (Swin) inputs (else their outputs are unknown). A rule for a name of
 :data:`SAME_LAYOUT` or :data:`BINARY` replaces the fallbacks for that name, so it must handle their
-cases itself (see ``expand_as``).
+cases itself (see ``expand_as``; a test lists those names).
 """
 
 from __future__ import annotations
