@@ -5,12 +5,42 @@ the batch, channels, the pixel grid, the token sequence or window-partitioned gr
 returns ``None`` when it cannot tell (attention scores inside windows, pixels folded into the batch
 by custom code); the capture then treats the smallest enclosing module with known boundary layouts as
 one op.
+
+The rules are a table, :data:`RULES`: one small function per torch function family, registered under
+the family's normalised names (:func:`func_name`). :func:`propagate` looks a call up there first; a
+name without a rule goes to the fallbacks, in this order: the elementwise maps of
+:data:`SAME_LAYOUT` (one image-dependent input, shape kept: its layout), broadcasting
+:data:`BINARY` maps (and :data:`SAME_LAYOUT` ones with several image-dependent inputs), then any
+other call that keeps the shape keeps the layout; anything else is unknown. :func:`rules_for` says
+which rules a name goes through.
+
+Adding a rule is one decorated function here, plus its cases in ``BY_RULE`` of
+``tests/test_layout_rules.py``: exact layouts, and one it cannot know (a test fails for a registered
+name or a rule without them)::
+
+    @rule("channel_shuffle", "native_channel_shuffle")
+    def _channel_shuffle(call: Call) -> list[Layout | None] | None:
+        \"\"\"Reorders channels: every role kept. Cannot know: an unknown input layout.\"\"\"
+        return [call.layout]
+
+The rule gets a :class:`Call` (the call's arguments, its tensor inputs with their layouts and
+whether each depends on the image, its outputs, and the first image-dependent input ``call.x`` with
+its layout ``call.layout``) and returns one layout per output, ``None`` where it cannot tell, or
+``None`` as a whole to leave the call to the fallbacks. Every result then goes through the same
+size check (a size-1 grid dim becomes a channel; a dim count or token count that does not fit the
+output makes it unknown). Options of :func:`rule`: ``needs_layout=False`` for a rule that also runs
+when ``call.layout`` is unknown (else its outputs are unknown then), ``windows=True`` for a rule
+that may see window-partitioned (Swin) inputs (else their outputs are unknown). A rule for a name of
+:data:`SAME_LAYOUT` or :data:`BINARY` replaces the fallbacks for that name, so it must handle their
+cases itself (see ``expand_as``; a test lists those names).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +56,14 @@ __all__ = [
     "BINARY",
     "RESHAPES",
     "PERMUTES",
+    "GRID_OPS",
+    "REDUCTIONS",
+    "Call",
+    "Rule",
+    "RULES",
+    "FALLBACKS",
+    "rule",
+    "rules_for",
 ]
 
 Roles = tuple[str, ...]
@@ -455,6 +493,351 @@ def _grid_op(name: str, layout: Layout | None, out: torch.Tensor) -> Layout | No
     return Layout(("b", "c", "h", "w"))
 
 
+# -- the rule table ---------------------------------------------------------------------------------
+Result = list[Layout | None]
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """What a rule sees of one torch call ``func(*args, **kwargs)``.
+
+    ``inputs`` are the call's tensor arguments in order, ``layouts`` their layouts as recorded
+    (``None``: unknown or constant), ``dependent`` whether each depends on the image, ``outputs`` the
+    output tensors. ``first`` indexes the first image-dependent input (:attr:`x`); :attr:`layout` is its
+    layout, an invariant one (``roles=None``) spelled out as ``("b", "c", ...)``.
+    """
+
+    name: str
+    func: Any
+    args: Sequence[Any]
+    kwargs: dict[str, Any]
+    inputs: list[torch.Tensor]
+    layouts: list[Layout | None]
+    dependent: list[bool]
+    outputs: list[torch.Tensor]
+    first: int
+    layout: Layout | None
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The first image-dependent input."""
+        return self.inputs[self.first]
+
+    @property
+    def ndim(self) -> int:
+        """Number of dims of :attr:`x`."""
+        return self.x.dim()
+
+    @property
+    def out(self) -> torch.Tensor:
+        """The first output."""
+        return self.outputs[0]
+
+    @property
+    def num_dependent(self) -> int:
+        """How many inputs depend on the image."""
+        return sum(self.dependent)
+
+    def arg(self, index: int, key: str, default: Any = None) -> Any:
+        """Argument ``key``, given by keyword or at position ``index`` (``default`` when absent)."""
+        return _arg(self.args, self.kwargs, index, key, default)
+
+    def dim_arg(self, index: int, key: str, default: Any = None, ndim: int | None = None) -> int:
+        """A dim argument made non-negative (for a tensor of ``ndim`` dims, :attr:`ndim` by default)."""
+        return _norm_dim(self.arg(index, key, default), self.ndim if ndim is None else ndim)
+
+    def make(self, roles: Roles, like: Layout | None = None) -> Layout | None:
+        """A layout of ``roles`` with the grid, prefix and window of ``like`` (:attr:`layout`), or
+        ``None`` when the roles make no grid."""
+        return _make(roles, self.layout if like is None else like)
+
+    def unknown(self) -> Result:
+        """``None`` for every output."""
+        return [None] * len(self.outputs)
+
+
+RuleFn = Callable[[Call], Result | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rule: ``fn`` maps a :class:`Call` to its outputs' layouts (``None`` as a whole:
+    not for this call, the next rule of :func:`rules_for` decides).
+
+    ``names`` are the normalised function names it is registered for (``None``: a fallback for any
+    name); ``needs_layout``: outputs are unknown without running ``fn`` when the first dependent
+    input's layout is; ``windows``: ``fn`` also sees window-partitioned inputs (otherwise their
+    outputs are unknown).
+    """
+
+    fn: RuleFn
+    names: tuple[str, ...] | None
+    needs_layout: bool = True
+    windows: bool = False
+
+    @property
+    def name(self) -> str:
+        """The rule function's name (``transpose`` for ``_transpose``)."""
+        return self.fn.__name__.lstrip("_")
+
+    @property
+    def doc(self) -> str:
+        """The rule function's docstring."""
+        return inspect.getdoc(self.fn) or ""
+
+    def __call__(self, call: Call) -> Result | None:
+        if self.needs_layout and call.layout is None:
+            return call.unknown()
+        return self.fn(call)
+
+
+RULES: dict[str, Rule] = {}
+"""The exact-name table: normalised function name -> its rule (see :func:`rule`)."""
+
+
+def rule(*names: str, needs_layout: bool = True, windows: bool = False) -> Callable[[RuleFn], RuleFn]:
+    """Register the decorated function as the rule of the torch functions ``names`` (normalised, as
+    :func:`func_name` gives them) in :data:`RULES`; see :class:`Rule` for the options."""
+    if not names:
+        raise ValueError("rule() needs at least one function name")
+
+    def register(fn: RuleFn) -> RuleFn:
+        taken = [n for n in names if n in RULES]
+        if taken:
+            raise ValueError(f"{fn.__name__}: names {taken} already have a rule ({RULES[taken[0]].name})")
+        entry = Rule(fn, tuple(names), needs_layout, windows)
+        for n in names:
+            RULES[n] = entry
+        return fn
+
+    return register
+
+
+def rules_for(name: str) -> tuple[Rule, ...]:
+    """The rules :func:`propagate` tries, in order, for a call of normalised name ``name``: its rule
+    of :data:`RULES` if any, then the :data:`FALLBACKS` that apply to the name."""
+    exact = (RULES[name],) if name in RULES else ()
+    return exact + tuple(f for f in FALLBACKS if f.names is None or name in f.names)
+
+
+def _window_ok(name: str) -> bool:
+    """Whether a call may see window-partitioned inputs: data moves, elementwise maps, linear."""
+    return name in SAME_LAYOUT or name in BINARY or (name in RULES and RULES[name].windows)
+
+
+# -- linear algebra and attention -------------------------------------------------------------------
+@rule("linear", windows=True)
+def _linear(call: Call) -> Result:
+    """The last dim (features) becomes a channel; the other roles (tokens, a channels-last grid,
+    window roles) are kept. Cannot know: a last dim that was half of a grid (an ``h`` left without
+    its ``w``)."""
+    return [call.make(call.layout.roles[:-1] + ("c",))]
+
+
+@rule("matmul", "bmm", "mm")
+def _matmul_rule(call: Call) -> Result:
+    """``a @ b``: with ``b`` constant, ``a``'s roles with the last (contracted) dim a channel; with
+    ``a`` constant, ``b``'s with its second-to-last a channel; both image-dependent (attention
+    ``q @ k^T``, ``attn @ v``), ``a``'s rows and ``b``'s columns (two token dims for scores). Cannot
+    know: 1-D operands, an unknown operand layout, operands of different ranks."""
+    inputs, layouts, dependent = call.inputs, call.layouts, call.dependent
+    j = 1 if len(inputs) > 1 else 0
+    return [_matmul(layouts[0], layouts[j], dependent[0], dependent[j], inputs[0], inputs[j])]
+
+
+@rule("scaled_dot_product_attention")
+def _attention(call: Call) -> Result:
+    """Fused attention: the output has the roles of the queries. Cannot know: unknown query roles."""
+    q = call.layouts[0]
+    return [None if q is None else _make(q.roles, q)]
+
+
+# -- moving dims ------------------------------------------------------------------------------------
+@rule("transpose", "swapaxes", "swapdims", windows=True)
+def _transpose(call: Call) -> Result:
+    """Swaps the roles of ``dim0`` and ``dim1`` (``flatten(2).transpose(1, 2)`` gives tokens).
+    Cannot know: nothing beyond the input's layout (roles that make no grid give ``None``)."""
+    d0, d1 = call.dim_arg(1, "dim0"), call.dim_arg(2, "dim1")
+    roles = list(call.layout.roles)
+    roles[d0], roles[d1] = roles[d1], roles[d0]
+    return [call.make(tuple(roles))]
+
+
+@rule("t", "mT", windows=True)
+def _t(call: Call) -> Result | None:
+    """Swaps the roles of the last two dims. A 0-D or 1-D input is left to the fallbacks (unchanged
+    shape: unchanged layout)."""
+    if call.ndim < 2:
+        return None
+    roles = call.layout.roles
+    return [call.make(roles[:-2] + (roles[-1], roles[-2]))]
+
+
+@rule("permute", windows=True)
+def _permute(call: Call) -> Result:
+    """Reorders the roles as the dims (``permute(0, 2, 3, 1)`` gives BHWC). Cannot know: nothing
+    beyond the input's layout (roles that make no grid give ``None``)."""
+    args = call.args
+    dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else call.arg(1, "dims")
+    dims = [_norm_dim(d, call.ndim) for d in dims]
+    return [call.make(tuple(call.layout.roles[d] for d in dims))]
+
+
+@rule("movedim", windows=True)
+def _movedim(call: Call) -> Result:
+    """Moves the role of dim ``source`` to ``destination`` (single ints). Cannot know: nothing beyond
+    the input's layout (roles that make no grid give ``None``)."""
+    src, dst = call.arg(1, "source"), call.arg(2, "destination")
+    ndim = call.ndim
+    perm = list(range(ndim))
+    perm.pop(_norm_dim(src, ndim))
+    perm.insert(_norm_dim(dst, ndim), _norm_dim(src, ndim))
+    return [call.make(tuple(call.layout.roles[d] for d in perm))]
+
+
+@rule(*sorted(RESHAPES), windows=True)
+def _reshape_rule(call: Call) -> Result:
+    """Regroups roles by matching groups of dims whose sizes multiply to the same: ``h, w`` merged
+    give tokens ``n`` (and back, over the known grid), batch and channels merge or split freely,
+    size-1 dims are channels, Swin's window partition and reverse give and take window roles.
+    Cannot know: pixels folded into the batch or channels, a grid split other than into windows,
+    tokens unflattened to a grid other than theirs (or with prefix tokens)."""
+    return [_reshape(call.layout, call.x.shape, call.out.shape)]
+
+
+# -- indexing, joining and splitting ----------------------------------------------------------------
+@rule("getitem")
+def _getitem_rule(call: Call) -> Result:
+    """``x[index]`` with ints, slices, ``None`` and ``...``: an int removes its dim (a class token
+    read out, a channel picked), ``None`` adds a channel, a slice keeps the role of a batch/channel
+    dim, crops or subsamples (step >= 1) a grid dim, and on tokens drops the prefix (``x[:, p:]``)
+    or keeps prefix tokens only (as channels). Cannot know: tensor or list indices (gathers),
+    reversed or empty grid slices, a slice of some grid tokens."""
+    return [_getitem(call.layout, call.x.shape, call.args[1])]
+
+
+@rule("cat", "concat", "concatenate")
+def _cat_rule(call: Call) -> Result:
+    """Along a batch or channel dim: the common layout of the image-dependent operands; along tokens:
+    the last operand's grid with everything before it counted as prefix tokens (``cat([cls, x])``).
+    Cannot know: operands of different layouts (along b/c), an unknown operand layout, a join along
+    a grid dim, tokens whose grid-bearing operand is not last."""
+    args, kwargs, inputs = call.args, call.kwargs, call.inputs
+    tensors = list(args[0]) if args else list(kwargs.get("tensors"))
+    dim = call.arg(1, "dim", 0)
+    lays = [call.layouts[_index(inputs, t)] for t in tensors]
+    deps = [call.dependent[_index(inputs, t)] for t in tensors]
+    return [_cat(lays, tensors, dim, deps)]
+
+
+@rule("stack")
+def _stack(call: Call) -> Result:
+    """A new channel dim at ``dim``, the first image-dependent operand's roles around it. Cannot know:
+    nothing beyond that operand's layout."""
+    dim = call.dim_arg(1, "dim", 0, ndim=call.ndim + 1)
+    roles = list(call.layout.roles)
+    roles.insert(dim, "c")
+    return [call.make(tuple(roles))]
+
+
+@rule("unbind", "select")
+def _unbind(call: Call) -> Result:
+    """Removes dim ``dim`` from every output (``qkv.unbind(0)``). Cannot know: removing a grid or
+    token dim (a row of the grid, one token)."""
+    dim = call.dim_arg(1, "dim", 0)
+    roles = tuple(r for d, r in enumerate(call.layout.roles) if d != dim)
+    ok = call.layout.roles[dim] in ("b", "c")
+    return [call.make(roles) if ok else None for _ in call.outputs]
+
+
+@rule("split", "chunk", "tensor_split", "split_with_sizes")
+def _split(call: Call) -> Result:
+    """Pieces along a batch or channel dim keep the input's layout. Cannot know: pieces of a grid or
+    of the tokens."""
+    dim = call.dim_arg(2, "dim", 0)
+    ok = call.layout.roles[dim] in ("b", "c")
+    return [call.layout if ok else None for _ in call.outputs]
+
+
+# -- reductions and broadcasts ----------------------------------------------------------------------
+@rule(*sorted(REDUCTIONS))
+def _reduction(call: Call) -> Result:
+    """Reduced dims are removed (channels with ``keepdim``); a full reduction gives a 0-D tensor (all
+    channels with ``keepdim``). Cannot know: reducing one grid dim but not the other."""
+    dims = call.arg(1, "dim")
+    keepdim = bool(call.arg(2, "keepdim", False))
+    return [_reduce(call.layout, call.ndim, dims, keepdim)]
+
+
+@rule("expand", "repeat", "broadcast_to", "tile")
+def _expand(call: Call) -> Result:
+    """Same rank: the input's roles (a broadcast of size-1 dims, or repeats). Cannot know: a result
+    with more dims than the input."""
+    return [call.layout if call.out.dim() == call.ndim else None]
+
+
+@rule("expand_as", needs_layout=False)
+def _expand_as(call: Call) -> Result:
+    """An elementwise name too (:data:`SAME_LAYOUT`), so first as those: shape kept, its layout;
+    several image-dependent inputs, as :data:`BINARY`; else as ``expand``. Cannot know: an unknown
+    input layout (one image-dependent input), what ``expand`` and ``BINARY`` cannot."""
+    result = _same_layout(call) or _elementwise(call)
+    return result if result is not None else RULES["expand"](call)
+
+
+# -- grid ops ---------------------------------------------------------------------------------------
+@rule(*sorted(GRID_OPS - {"pad"}), needs_layout=False)
+def _grid(call: Call) -> Result:
+    """Convolutions, pools, resampling and pixel shuffles keep BCHW (a 1x1 result: all channels);
+    on a non-spatial input, (b, c, ...). Cannot know: a spatial input other than BCHW, a result that
+    is not 4-D, non-float outputs (pooling indices), an unknown input layout."""
+    return [_grid_op(call.name, call.layout, o) if o.is_floating_point() else None for o in call.outputs]
+
+
+@rule("pad", needs_layout=False)
+def _pad(call: Call) -> Result:
+    """Padding keeps every dim's role (BCHW, BHWC, any grid). Tokens, or an unknown input layout,
+    as the other grid ops (:func:`_grid`)."""
+    lay = call.layout
+    if lay is not None and lay.roles is not None and "n" not in lay.roles:
+        return [lay]
+    return _grid(call)
+
+
+# -- fallbacks, for names without a rule ------------------------------------------------------------
+def _same_layout(call: Call) -> Result | None:
+    """An elementwise map of one image-dependent input (activations, norms, dropout, casts, ...):
+    its layout, when the call has one output of the input's shape; else not for this call."""
+    single = len(call.outputs) == 1 and call.out.shape == call.x.shape and call.num_dependent == 1
+    return [call.layout] if call.name in SAME_LAYOUT and single else None
+
+
+def _elementwise(call: Call) -> Result | None:
+    """A broadcasting map (``BINARY``, or ``SAME_LAYOUT`` with several image-dependent inputs): the
+    common layout of the inputs of the output's shape; broadcast partners must be constant along the
+    grid (a gate, a per-channel scale); non-spatial inputs only: (b, c, ...). Cannot know: inputs of
+    different spatial layouts, an unknown layout, a broadcast partner that varies over the grid."""
+    if call.name in BINARY or (call.name in SAME_LAYOUT and call.num_dependent > 1):
+        return [_binary(call.inputs, call.layouts, call.dependent, call.out)]
+    return None
+
+
+def _keep_shape(call: Call) -> Result:
+    """Any other call whose outputs all have the input's shape: assume they keep its layout. Cannot
+    know: a call that changes the shape."""
+    if call.outputs and all(o.shape == call.x.shape for o in call.outputs):
+        return [call.layout] * len(call.outputs)
+    return call.unknown()
+
+
+FALLBACKS: tuple[Rule, ...] = (
+    Rule(_same_layout, tuple(sorted(SAME_LAYOUT)), needs_layout=False),
+    Rule(_elementwise, tuple(sorted(BINARY | SAME_LAYOUT)), needs_layout=False),
+    Rule(_keep_shape, None, needs_layout=False),
+)
+"""The rules tried, in this order, after a name's rule of :data:`RULES` (or without one)."""
+
+
 def propagate(
     func: Any,
     args: Sequence[Any],
@@ -477,86 +860,17 @@ def propagate(
     lay, x = layouts[first], inputs[first]
     if lay is not None and lay.roles is None:
         lay = Layout(("b",) + ("c",) * (x.dim() - 1)) if x.dim() >= 1 else lay
-    result: list[Layout | None]
-    if lay is not None and lay.windowed and name not in _WINDOW_OK:
+    if lay is not None and lay.windowed and not _window_ok(name):
         return [None] * len(outputs)  # window-partitioned tensors: only moves and elementwise maps
-    if name in SAME_LAYOUT and len(outputs) == 1 and outputs[0].shape == x.shape and sum(dependent) == 1:
-        result = [lay]
-    elif name in BINARY or (name in SAME_LAYOUT and sum(dependent) > 1):
-        result = [_binary(inputs, layouts, dependent, outputs[0])]
-    elif name == "pad" and lay is not None and lay.roles is not None and "n" not in lay.roles:
-        result = [lay]  # zero/reflect/replicate padding keeps every dimension's role (BHWC too)
-    elif name in GRID_OPS:
-        result = [_grid_op(name, lay, o) if o.is_floating_point() else None for o in outputs]
-    elif lay is None:
-        result = [None] * len(outputs)
-    elif name == "linear":
-        result = [_make(lay.roles[:-1] + ("c",), lay)]
-    elif name in ("matmul", "bmm", "mm"):
-        j = 1 if len(inputs) > 1 else 0
-        result = [_matmul(layouts[0], layouts[j], dependent[0], dependent[j], inputs[0], inputs[j])]
-    elif name == "scaled_dot_product_attention":
-        result = [None if layouts[0] is None else _make(layouts[0].roles, layouts[0])]
-    elif name in ("transpose", "swapaxes", "swapdims"):
-        d0 = _norm_dim(_arg(args, kwargs, 1, "dim0"), x.dim())
-        d1 = _norm_dim(_arg(args, kwargs, 2, "dim1"), x.dim())
-        roles = list(lay.roles)
-        roles[d0], roles[d1] = roles[d1], roles[d0]
-        result = [_make(tuple(roles), lay)]
-    elif name in ("t", "mT") and x.dim() >= 2:
-        result = [_make(lay.roles[:-2] + (lay.roles[-1], lay.roles[-2]), lay)]
-    elif name == "permute":
-        dims = (
-            args[1:]
-            if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int))
-            else (_arg(args, kwargs, 1, "dims"))
-        )
-        dims = [_norm_dim(d, x.dim()) for d in dims]
-        result = [_make(tuple(lay.roles[d] for d in dims), lay)]
-    elif name == "movedim":
-        src, dst = _arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination")
-        perm = list(range(x.dim()))
-        perm.pop(_norm_dim(src, x.dim()))
-        perm.insert(_norm_dim(dst, x.dim()), _norm_dim(src, x.dim()))
-        result = [_make(tuple(lay.roles[d] for d in perm), lay)]
-    elif name in RESHAPES:
-        result = [_reshape(lay, x.shape, outputs[0].shape)]
-    elif name in ("getitem",):
-        result = [_getitem(lay, x.shape, args[1])]
-    elif name in ("cat", "concat", "concatenate"):
-        tensors = list(args[0]) if args else list(kwargs.get("tensors"))
-        dim = _arg(args, kwargs, 1, "dim", 0)
-        lays = [layouts[_index(inputs, t)] for t in tensors]
-        deps = [dependent[_index(inputs, t)] for t in tensors]
-        result = [_cat(lays, tensors, dim, deps)]
-    elif name == "stack":
-        dim = _norm_dim(_arg(args, kwargs, 1, "dim", 0), x.dim() + 1)
-        roles = list(lay.roles)
-        roles.insert(dim, "c")
-        result = [_make(tuple(roles), lay)]
-    elif name in ("unbind", "select"):
-        dim = _norm_dim(_arg(args, kwargs, 1, "dim", 0), x.dim())
-        roles = tuple(r for d, r in enumerate(lay.roles) if d != dim)
-        ok = lay.roles[dim] in ("b", "c")
-        result = [_make(roles, lay) if ok else None for _ in outputs]
-    elif name in ("split", "chunk", "tensor_split", "split_with_sizes"):
-        dim = _norm_dim(_arg(args, kwargs, 2, "dim", 0), x.dim())
-        ok = lay.roles[dim] in ("b", "c")
-        result = [lay if ok else None for _ in outputs]
-    elif name in REDUCTIONS:
-        dims = _arg(args, kwargs, 1, "dim")
-        keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
-        result = [_reduce(lay, x.dim(), dims, keepdim)]
-    elif name in ("expand", "repeat", "broadcast_to", "tile", "expand_as"):
-        result = [lay if outputs[0].dim() == x.dim() else None]
-    elif outputs and all(o.shape == x.shape for o in outputs):
-        result = [lay] * len(outputs)  # unknown op that keeps the shape: assume it keeps the layout
-    else:
-        result = [None] * len(outputs)
+    call = Call(name, func, args, kwargs, inputs, layouts, dependent, outputs, first, lay)
+    result: Result | None = None
+    for r in rules_for(name):
+        result = r(call)
+        if result is not None:
+            break
+    if result is None:
+        result = call.unknown()
     return [_size_fix(r, o) for r, o in zip(result, outputs, strict=True)]
-
-
-_WINDOW_OK = SAME_LAYOUT | BINARY | RESHAPES | PERMUTES | {"linear"}
 
 
 def _index(inputs: list[torch.Tensor], t: torch.Tensor) -> int:
