@@ -804,6 +804,37 @@ def _pad(call: Call) -> Result:
     return _grid(call)
 
 
+@rule("setitem", "view_scatter", needs_layout=False)
+def _write(call: Call) -> Result:
+    """A tensor after an in-place write in functional form (:mod:`aliasscope.mutation`: ``x[i] = v``
+    as ``setitem(x, i, v)``, a write through a view as ``view_scatter(base, v)``): the written
+    tensor's layout when it depends on the image; a constant canvas (``torch.zeros``) takes the
+    written value's layout when the value fills it, or when ``x[i] = v`` slices only batch and
+    channel dims (every grid and token position written). Cannot know: a value written into part of
+    a constant canvas's grid, or through a view of it."""
+    target = call.inputs[0]
+    if call.dependent[0]:
+        return [call.layouts[0]]
+    k = next((k for k in range(1, len(call.inputs)) if call.dependent[k]), None)
+    value, lay = (call.inputs[k], call.layouts[k]) if k is not None else (None, None)
+    if lay is None or lay.roles is None:
+        return call.unknown()
+    if value.shape == target.shape:
+        return [lay]
+    index = call.args[1] if call.name == "setitem" and len(call.args) > 1 else None
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(ix, slice) or ix is Ellipsis for ix in index) or value.dim() != target.dim():
+        return call.unknown()
+    at = next((k for k, ix in enumerate(index) if ix is Ellipsis), None)
+    if at is not None:
+        index = index[:at] + (slice(None),) * (target.dim() - len(index) + 1) + index[at + 1 :]
+    full = [ix.indices(n) == (0, n, 1) for ix, n in zip(index, target.shape, strict=False)]
+    full += [True] * (target.dim() - len(full))
+    if all(f or lay.roles[d] in ("b", "c") for d, f in enumerate(full)):
+        return [lay]
+    return call.unknown()
+
+
 # -- fallbacks, for names without a rule ------------------------------------------------------------
 def _same_layout(call: Call) -> Result | None:
     """An elementwise map of one image-dependent input (activations, norms, dropout, casts, ...):

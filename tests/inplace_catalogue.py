@@ -78,6 +78,13 @@ def _canvas_from_zeros(z, _):
     return canvas
 
 
+def _canvas_filled_by_channel_slices(z, _):
+    canvas = torch.zeros(z.shape[0], 6, *z.shape[2:], dtype=z.dtype)  # a constant, then written
+    canvas[:, :3] = F.gelu(z[:, :3])
+    canvas[:, 3:] = torch.tanh(z[:, 3:])
+    return canvas
+
+
 def _masked_fill_(z, _):
     z.masked_fill_(z > 1.0, 1.0)
     return torch.sin(z)
@@ -135,6 +142,7 @@ PATTERNS: dict[str, Callable] = {
     "out= argument": _out_argument,
     "chained sub_/div_/clamp_": _chained_methods,
     "canvas from zeros": _canvas_from_zeros,
+    "canvas filled by channel slices": _canvas_filled_by_channel_slices,
     "masked_fill_": _masked_fill_,
     "addcmul_": _addcmul_,
     "in-place on strided channel slice": _inplace_on_channel_slice_of_copy,

@@ -30,6 +30,7 @@ from aliasscope.layout_rules import (
     rules_for,
 )
 from aliasscope.layouts import BCHW, BHWC, INVARIANT, Layout
+from aliasscope.mutation import setitem, view_scatter
 
 CONST = "const"
 """In ``lays``: a tensor input that does not depend on the image."""
@@ -380,7 +381,22 @@ PAD = [
     case("none-tokens", F.pad, TOK, (0, 0, 1, 0), lays=[TOK1], expect=None),
     case("none-unknown-input", F.pad, X, (1, 1, 1, 1), lays=[None], expect=None),
 ]
+CANVAS = torch.zeros(2, 3, 4, 6)
+WRITE = [
+    case("into-activation", setitem, X, (slice(None), slice(0, 1)), X2[:, :1], lays=[BCHW, BCHW],
+         expect=BCHW),  # fmt: skip
+    case("canvas-channels", setitem, CANVAS, (slice(None), slice(0, 2)), X[:, :2], lays=[CONST, BCHW],
+         expect=BCHW),  # fmt: skip
+    case("canvas-ellipsis", setitem, CANVAS, (Ellipsis, slice(1, 3), slice(None), slice(None)), X[:, 1:3],
+         lays=[CONST, BCHW], expect=BCHW),  # fmt: skip
+    case("canvas-filled", view_scatter, CANVAS, X, lambda b: b, lays=[CONST, BCHW], expect=BCHW),
+    case("none-canvas-part-of-grid", setitem, CANVAS, (slice(None), slice(None), slice(0, 2)), X[:, :, :2],
+         lays=[CONST, BCHW], expect=None),  # fmt: skip
+    case("none-view-of-canvas", view_scatter, CANVAS, X[:, :1], lambda b: b[:, :1], lays=[CONST, BCHW],
+         expect=None),  # fmt: skip
+]
 BY_RULE = {
+    "write": WRITE,
     "linear": LINEAR,
     "matmul_rule": MATMUL,
     "attention": ATTENTION,
@@ -521,7 +537,8 @@ def test_the_families_are_registered() -> None:
     # window-partitioned inputs: only moves, elementwise maps and linear
     windows = {n for n in set(RULES) | SAME_LAYOUT | BINARY if _window_ok(n)}
     assert windows == SAME_LAYOUT | BINARY | RESHAPES | PERMUTES | {"linear"}
-    assert {n for n, r in RULES.items() if not r.needs_layout} == GRID_OPS | {"expand_as"}
+    free = GRID_OPS | {"expand_as", "setitem", "view_scatter"}
+    assert {n for n, r in RULES.items() if not r.needs_layout} == free
     for r in (*RULES.values(), *FALLBACKS):
         assert r.doc, f"rule {r.name} needs a docstring: what it does to roles, what it cannot know"
 
