@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 from .capture import KINDS, OpRecord, Recording, record
 from .compare import Comparison, compare
 from .data import ImageBatch, load_images
-from .decompose import Decomposition, decompose
+from .decomposition import Decomposition, decompose
 from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
 from .generators import GENERATORS, apply_generator, generator_names
 from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout

@@ -43,7 +43,7 @@ from torch import nn
 from .borrow import borrowed
 from .capture import OpRecord
 from .checks import check_model
-from .decompose import Decomposition, decompose
+from .decomposition import Decomposition, decompose
 from .generators import apply_generator, get_generator
 from .layouts import BCHW, Layout, window_grid
 from .lie import lie_derivative

@@ -488,7 +488,7 @@ def _figures(
     from tqdm.auto import tqdm
 
     from . import plots
-    from .decompose import decompose
+    from .decomposition import decompose
 
     folder = out / "figures"
     num_ops = next(iter(decs.values())).num_ops if decs else None
@@ -631,7 +631,7 @@ def _layerwise(
     file), each transform's Decomposition into ``decs``; returns the summary part."""
     from tqdm.auto import tqdm
 
-    from .decompose import decompose
+    from .decomposition import decompose
 
     target = _parse_target(args.target)
     result: dict[str, Any] = {}
