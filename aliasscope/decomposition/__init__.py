@@ -21,6 +21,12 @@ the forward-mode route (``J_i D h_in`` by jvp) and against finite differences. `
 compares the total with the sum of contributions: zero to float precision when no computation between
 input and output escaped the recording. The whole-output route (``target=None``) pushes every ``v_i``
 forward by jvp instead, and there the check also covers each op's replay.
+
+Modules, one job each: :mod:`.api` (``decompose``: validate, batches, method, result, checks, warn),
+:mod:`.settings` (its keywords as one frozen :class:`~.settings.Settings`), :mod:`.targets` (the
+attributed scalar), :mod:`.forward` (the recorded forward, inner products), :mod:`.local` (``v_i``),
+:mod:`.scalar`, :mod:`.vector`, :mod:`.probe` (the three methods), :mod:`.cuda_graph` (replay over
+batches), :mod:`.self_checks` (``CHECKS``, ``TOLERANCES``), :mod:`.result` (``Decomposition``).
 """
 
 from .api import decompose

@@ -1,29 +1,33 @@
-"""api"""
+"""``decompose()``: validate, split into batches, pick the method, build the result, check, warn.
+
+The maths lives with each step: :mod:`.local` (each op's local Lie derivative ``v_i``),
+:mod:`.scalar` (exact ``c_i = <dT/dh_out_i, v_i>`` for a scalar target), :mod:`.vector` (exact
+``J_{>i} v_i`` for the whole output), :mod:`.probe` (the paper's estimator of its norm),
+:mod:`.cuda_graph` (batches replayed as one CUDA graph), :mod:`.self_checks` and :mod:`.result`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..borrow import borrowed, check_images
 from ..capture import OpRecord
 from ..checks import check_finite_output, check_model, names_nonfinite_images
-from ..generators import get_generator
 from ..layouts import Layout
-from ..lie import Output, _output_fn, lie_derivative
-from ..transforms import get_transform
+from ..lie import Output
 from .cuda_graph import decompose_graphed, use_cuda_graph
-from .forward import bdot, record_forward
-from .local import DCache, is_zero_by_construction, last_uses, local_lie_derivative
-from .result import Decomposition, make_result
-from .scalar import scalar_pass
+from .probe import probe_attribution
+from .result import Attribution, Decomposition, make_result
+from .scalar import scalar_attribution
 from .self_checks import self_checks, warn_failed
-from .targets import Target, picker
-from .vector import auto_group_size, propagate
+from .settings import Settings, Target
+from .targets import per_image
+from .vector import vector_attribution
+
+__all__ = ["decompose"]
 
 
 @names_nonfinite_images
@@ -47,7 +51,6 @@ def decompose(
     batch_size: int | None = None,
     cuda_graph: bool | None = None,
     verify: str | None = "jvp",
-    _warn: bool = True,
 ) -> Decomposition:
     """Attribute the Lie derivative of ``output(model(x))`` to every op of the model.
 
@@ -102,173 +105,66 @@ def decompose(
         copy of the model (slow; meant for checking a model once); ``None`` only completeness. A failed
         check warns (:class:`SelfCheckWarning`) and :attr:`Decomposition.passed` is False.
     """
-    get_transform(transform)
-    get_generator(generator)
-    if method not in ("exact", "probe"):
-        raise ValueError(f"unknown method {method!r}; valid: 'exact', 'probe'")
-    if method == "probe" and target is not None:
-        raise ValueError("method='probe' estimates the norm of the whole output vector: use target=None")
-    if verify not in ("jvp", "fd", None):
-        raise ValueError(f"verify must be 'jvp', 'fd' or None, got {verify!r}")
+    settings = Settings(
+        transform,
+        target=target,
+        output=output,
+        method=method,
+        generator=generator,
+        select=select,
+        layouts=layouts,
+        units=units,
+        keep_maps=keep_maps,
+        num_probes=num_probes,
+        group_size=group_size,
+        seed=seed,
+        progress=progress,
+        batch_size=batch_size,
+        cuda_graph=cuda_graph,
+        verify=verify,
+    )
     model = check_model(model)
     images = check_images(images, model)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
     if batch_size is not None and images.shape[0] > batch_size:
-        one_d = isinstance(target, list | tuple) or (isinstance(target, torch.Tensor) and target.dim() == 1)
-        per_image = one_d and len(target) == images.shape[0]
-        graphed: list[Decomposition] = []
-        if use_cuda_graph(cuda_graph, images, target, method, batch_size):
-            graphed = decompose_graphed(
-                model,
-                images,
-                transform,
-                target=target,
-                per_image=per_image,
-                head=_output_fn(output),
-                output=output,
-                generator=generator,
-                select=select,
-                layouts=layouts,
-                units=units,
-                keep_maps=keep_maps,
-                batch_size=batch_size,
-                progress=progress,
-                verify=verify,
-            )
-        done = len(graphed) * batch_size
-        joined = Decomposition.concat(
-            graphed
-            + [
-                decompose(
-                    model,
-                    images[i : i + batch_size],
-                    transform,
-                    target=target[i : i + batch_size] if per_image else target,
-                    output=output,
-                    method=method,
-                    generator=generator,
-                    select=select,
-                    layouts=layouts,
-                    units=units,
-                    keep_maps=keep_maps,
-                    num_probes=num_probes,
-                    group_size=group_size,
-                    seed=seed,
-                    progress=progress,
-                    cuda_graph=False,
-                    verify=verify,
-                    _warn=False,
-                )
-                for i in range(done, images.shape[0], batch_size)
-            ]
-        )
-        warn_failed(joined)
-        return joined
-    head = _output_fn(output)
-    vector = target is None
-    with borrowed(model):
-        maps: dict[str, torch.Tensor] = {}
-        extra: dict[str, Any] = {}
-        if not vector:
-            scalar = scalar_pass(
-                model, images, head, target, transform, generator, layouts, units, keep_maps, progress
-            )
-            rec, maps, tdesc, scalar_f = scalar.rec, scalar.maps, scalar.target, scalar.f
-            values, total = scalar.read()
-            summed = values.sum(0)
-            del scalar
-        else:
-            x = images.detach().clone().requires_grad_(method == "probe")
-            with torch.enable_grad() if x.requires_grad else torch.no_grad():
-                rec, f = record_forward(model, x, head, layouts, units)
-            tdesc = "whole output"
-            ops = rec.ops
-            vs: dict[int, list[torch.Tensor]] = {}
-            with torch.no_grad():
-                cache = DCache(transform, generator, ops)
-                for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
-                    if not is_zero_by_construction(op):
-                        vs[i] = local_lie_derivative(op, transform, generator, cache)
-                    cache.release(i, op)
-                del cache
-            b = x.shape[0]
-            dev = x.device
-        if vector and method == "exact":
-            total = (
-                lie_derivative(model, images, transform, output=output, generator=generator).double().cpu()
-            )
-            vectors = torch.zeros(len(ops), *total.shape, dtype=torch.float64, device=dev)
-            order = sorted(vs)
-            last_use = last_uses(ops)
-            size = group_size or auto_group_size(ops, dev)
-            groups = [order[k : k + size] for k in range(0, len(order), size)]
-            with torch.no_grad():
-                for group in tqdm(groups, desc="contribution vectors", disable=not progress):
-                    prop = propagate(ops, vs, group, f, last_use)
-                    for k, i in enumerate(group):
-                        vectors[i] = prop[k].double()
-            vectors = vectors.cpu()
-            values = vectors.flatten(2).norm(dim=2)
-            summed = vectors.sum(0)
-        elif vector:
-            total = (
-                lie_derivative(model, images, transform, output=output, generator=generator).double().cpu()
-            )
-            outs = [
-                (i, k, h) for i, v_list in vs.items() for k, h in enumerate(ops[i].outputs[: len(v_list)])
-            ]
-            need = [h for _, _, h in outs if h.requires_grad]
-            gen = torch.Generator(device=f.device).manual_seed(seed)
-            sq = torch.zeros(len(ops), b, dtype=torch.float64, device=dev)
-            for _ in tqdm(range(num_probes), desc="probes", disable=not progress):
-                z = torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype)
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(f, need, grad_outputs=z, retain_graph=True, allow_unused=True)
-                by_id = {id(h): gr for h, gr in zip(need, grads, strict=True)}
-                with torch.no_grad():
-                    proj = torch.zeros(len(ops), b, dtype=torch.float64, device=dev)
-                    for i, k, h in outs:
-                        gr = by_id.get(id(h))
-                        if gr is not None:
-                            proj[i] += bdot(gr, vs[i][k], ops[i].out_layouts[k]).double()
-                    sq += proj**2
-            values = (sq / num_probes).sqrt().cpu()
-            summed = None
-            extra["num_probes"] = num_probes
-    check_finite_output(model, images, rec.output)
-    checks, tolerance = self_checks(
-        model,
-        images,
-        transform,
-        output=output,
-        generator=generator,
-        total=total,
-        summed=summed,
-        magnitude=values.abs().sum(0) if summed is not None else None,
-        pick=None if vector else picker(scalar_f, target),
-        independent_total=vector,
-        verify=verify,
-    )
-    dec = make_result(
-        rec,
-        select,
-        values,
-        total,
-        summed,
-        checks=checks,
-        tolerance=tolerance,
-        vectors=vectors if vector and method == "exact" else None,
-        estimator=vector and method == "probe",
-        keep_vectors=keep_maps,
-        transform=transform,
-        generator=generator,
-        output=output,
-        target=tdesc,
-        method=method,
-        maps=maps if keep_maps else None,
-        extra=extra,
-    )
-    if _warn and method != "probe":  # an estimator has no check to run (passed stays False)
-        warn_failed(dec)
+        dec = decompose_in_batches(model, images, settings)
+        warn_failed(dec)  # as ever, joined probe estimates too (they carry no check: they warn)
+    else:
+        dec = decompose_batch(model, images, settings)
+        if method != "probe":  # an estimator has no check to run (passed stays False)
+            warn_failed(dec)
     return dec
+
+
+def decompose_in_batches(model: nn.Module, images: torch.Tensor, settings: Settings) -> Decomposition:
+    """Every ``batch_size`` images decomposed on their own (the full batches by one replayed CUDA
+    graph where :func:`~.cuda_graph.use_cuda_graph` says so), joined by :meth:`Decomposition.concat`.
+    A per-image target is split with the images."""
+    s = settings
+    n, bs = images.shape[0], s.batch_size
+    split = per_image(s.target, n)
+    graphed = decompose_graphed(model, images, s) if use_cuda_graph(s, images) else []
+    rest = [
+        decompose_batch(model, images[i : i + bs], s.for_batch(s.target[i : i + bs] if split else s.target))
+        for i in range(len(graphed) * bs, n, bs)
+    ]
+    return Decomposition.concat(graphed + rest)
+
+
+def method_of(settings: Settings) -> Callable[[nn.Module, torch.Tensor, Settings], Attribution]:
+    """The method that attributes one batch: exact scalar (a target), exact whole-output vectors
+    (``target=None``) or the probe estimator (``method="probe"``)."""
+    if not settings.vector:
+        return scalar_attribution
+    return vector_attribution if settings.method == "exact" else probe_attribution
+
+
+def decompose_batch(model: nn.Module, images: torch.Tensor, settings: Settings) -> Decomposition:
+    """One batch, eagerly: the method's numbers (model borrowed), a finite output, the self-checks
+    (:func:`~.self_checks.self_checks`), the result (:func:`~.result.make_result`). No warning."""
+    with borrowed(model):
+        att = method_of(settings)(model, images, settings)
+    check_finite_output(model, images, att.rec.output)
+    checks, tolerance = self_checks(model, images, settings, att)
+    return make_result(att, settings, checks, tolerance)

@@ -1,4 +1,14 @@
-"""local"""
+"""Local Lie derivatives: how much one op, on its own, breaks the symmetry.
+
+For an op ``h_out = f(h_in)`` (several inputs or outputs alike),
+
+    v = J_f(h_in) . D h_in - D h_out
+
+with ``D`` the generator in each tensor's layout (0 on invariant tensors): zero exactly when the op
+commutes with the transformation at first order. ``J_f . D h_in`` is one forward-mode jvp of the
+op's replay, or a cheaper exact rule for the commonest ops (:func:`fast_tangent`); ops whose ``v``
+vanishes identically are skipped (:func:`is_zero_by_construction`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +16,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..capture import OpRecord, _tensors
+from ..capture import OpRecord, Recording, _tensors
 from ..forward_mode import jvp
 from ..generators import apply_generator
 from ..layouts import Layout
+from .forward import record_forward
+from .settings import Settings
 
 
 class DCache:
@@ -110,3 +123,28 @@ def last_uses(
         for t in op.inputs:
             last[id(key(t))] = j
     return last
+
+
+def recorded_local_lie_derivatives(
+    model: nn.Module, images: torch.Tensor, settings: Settings, *, track_grad: bool
+) -> tuple[Recording, torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """Record ``output(model(images))`` and compute every op's ``v_i`` (the whole-output methods).
+
+    Returns the recording, the output ``F`` and ``{op index: [v per output]}`` for the ops not zero
+    by construction. ``track_grad``: record with the autograd graph kept (the probe estimator
+    backpropagates through it), else under ``no_grad``.
+    """
+    s = settings
+    x = images.detach().clone().requires_grad_(track_grad)
+    with torch.enable_grad() if x.requires_grad else torch.no_grad():
+        rec, f = record_forward(model, x, s)
+    ops = rec.ops
+    vs: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        cache = DCache(s.transform, s.generator, ops)
+        for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not s.progress)):
+            if not is_zero_by_construction(op):
+                vs[i] = local_lie_derivative(op, s.transform, s.generator, cache)
+            cache.release(i, op)
+        del cache
+    return rec, f, vs

@@ -1,4 +1,10 @@
-"""result"""
+"""The result of a decomposition: :class:`Decomposition`, and how one batch's numbers become one.
+
+A method (:mod:`.scalar`, :mod:`.vector`, :mod:`.probe`) computes an :class:`Attribution` of every
+recorded op; :func:`make_result` keeps the selected ops' rows and puts what the others contribute
+into ``unattributed = total - sum_(selected i) c_i``, with the completeness error
+``||total - sum_(all i) c_i|| / ||total||``.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,12 @@ from typing import Any
 
 import torch
 
-from ..capture import KINDS, OpRecord
+from ..capture import KINDS, Recording
 from ..checks import selected_ops
 from ..layouts import Layout, window_grid
-from ..lie import Output
 from ..results import rows_to_csv, save_text, to_json_text
 from .self_checks import CHECKS, FD_TOLERANCE
+from .settings import Settings
 
 
 @dataclass
@@ -231,44 +237,76 @@ def _worst(values: Sequence[float]) -> float:
     return math.nan if any(not math.isfinite(v) for v in values) else max(values)
 
 
+@dataclass
+class Attribution:
+    """One batch's numbers as a method computed them, for every recorded op (before ``select``).
+
+    Attributes
+    ----------
+    rec:
+        The recording (ops in call order; ``rec.output`` the model's output).
+    values:
+        (num_ops, B): per op, its contribution: ``c_i = <dT/dh_out_i, v_i>`` (scalar target), the L2
+        norm of ``J_{>i} v_i`` (whole output), or the probe estimate of that norm.
+    total:
+        ``L_X T`` (B,) or ``L_X F`` (B, *output), from the input and output alone.
+    summed:
+        ``sum_i`` of the contributions, shaped like ``total``; None for the probe estimator (norms
+        do not add up to the total).
+    target:
+        How the result names the target ("pred", a class, "per-image classes", "whole output", ...).
+    pick:
+        Output -> attributed scalar per image, classes fixed as in this batch, for the independent
+        checks of the total; None: the whole output.
+    maps, vectors:
+        Scalar target: per op name, ``dT/dh_out * v_i`` (``keep_maps``). Whole output, exact: the
+        vectors ``J_{>i} v_i`` (num_ops, B, *output).
+    extra:
+        Entries for :attr:`Decomposition.extra`.
+    total_is_jvp:
+        The total already is an end-to-end jvp (whole output): no separate jvp check.
+    """
+
+    rec: Recording
+    values: torch.Tensor
+    total: torch.Tensor
+    summed: torch.Tensor | None
+    target: str
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None
+    maps: dict[str, torch.Tensor] | None = None
+    vectors: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    total_is_jvp: bool = False
+
+    @property
+    def estimator(self) -> bool:
+        """Whether the values are estimates of norms, which cannot be summed back to the total."""
+        return self.summed is None
+
+
 def make_result(
-    rec: Any,
-    select: str | Sequence[str] | Callable[[OpRecord], bool] | None,
-    values: torch.Tensor,
-    total: torch.Tensor,
-    summed: torch.Tensor | None,
-    *,
-    vectors: torch.Tensor | None,
-    estimator: bool,
-    keep_vectors: bool,
-    transform: str,
-    generator: str,
-    output: Output,
-    target: str,
-    method: str,
-    maps: dict[str, torch.Tensor] | None,
-    extra: dict[str, Any],
-    checks: dict[str, float] | None = None,
-    tolerance: float = math.nan,
+    att: Attribution, settings: Settings, checks: dict[str, float], tolerance: float
 ) -> Decomposition:
     """The :class:`Decomposition` of one batch: the selected ops' rows, completeness and remainder."""
-    ops = rec.ops
-    if summed is not None:
-        err = ((total - summed).norm() / total.norm().clamp_min(1e-300)).item()
+    s = settings
+    ops = att.rec.ops
+    if att.summed is not None:
+        err = ((att.total - att.summed).norm() / att.total.norm().clamp_min(1e-300)).item()
     else:
         err = float("nan")  # an estimator of norms cannot be summed back to the total
-    keep = selected_ops(ops, select)
-    kept = values[keep]
-    extra = dict(extra)
-    if vectors is not None:
-        unattributed = total - vectors[keep].sum(0)
-        if keep_vectors:
-            extra["vectors"] = vectors[keep]
-    elif estimator:
-        unattributed = torch.full_like(total, float("nan"))
+    keep = selected_ops(ops, s.select)
+    kept = att.values[keep]
+    extra = dict(att.extra)
+    if att.vectors is not None:
+        unattributed = att.total - att.vectors[keep].sum(0)
+        if s.keep_maps:
+            extra["vectors"] = att.vectors[keep]
+    elif att.estimator:
+        unattributed = torch.full_like(att.total, float("nan"))
     else:
-        unattributed = total - kept.sum(0)
+        unattributed = att.total - kept.sum(0)
     names = [ops[i].name for i in keep]
+    maps = att.maps if s.keep_maps else None
     return Decomposition(
         names=names,
         kinds=[ops[i].kind for i in keep],
@@ -276,15 +314,15 @@ def make_result(
         layout_objects=[ops[i].layout for i in keep],
         shapes=[ops[i].shape for i in keep],
         values=kept,
-        total=total,
+        total=att.total,
         unattributed=unattributed,
         completeness_error=err if math.isfinite(err) else float("nan"),
-        transform=transform,
-        generator=generator,
-        output=output if isinstance(output, str) else "custom",
-        target=target,
+        transform=s.transform,
+        generator=s.generator,
+        output=s.output if isinstance(s.output, str) else "custom",
+        target=att.target,
         maps={k: v for k, v in maps.items() if k in set(names)} if maps else None,
-        extra={"method": method, "kinds_doc": {k: KINDS[k] for k in sorted(set(rec.kinds))}, **extra},
+        extra={"method": s.method, "kinds_doc": {k: KINDS[k] for k in sorted(set(att.rec.kinds))}, **extra},
         checks=dict(checks or {}),
         tolerance=tolerance,
     )

@@ -1,19 +1,31 @@
-"""scalar"""
+"""The exact scalar method: every op's contribution to ``L_X T`` from one forward and ONE backward.
+
+For a scalar target ``T`` per image each op's contribution is the number
+
+    c_i = <dT/dh_out_i, v_i> = sum_inputs <J_i^T dT/dh_out_i, D h_in> - <dT/dh_out_i, D h_out_i>.
+
+While recording, every op gets private aliases (free views) of its inputs, so one backward pass
+yields both ``dT/dh_out_i`` and ``J_i^T dT/dh_out_i`` for every op: the generator on each activation
+and inner products give all contributions, no forward-mode pass at all. The same backward gives the
+total independently of the ops, ``<dT/dx, D x> - <dT/dF, D F>`` (the second term for an image-like
+output only).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..capture import Recording
 from ..layouts import Layout, infer_layout
 from .forward import bdot, record_forward
 from .local import DCache, is_zero_by_construction, local_terms
-from .targets import Target, target_values
+from .result import Attribution
+from .settings import Settings
+from .targets import picker, target_values
 
 
 @dataclass
@@ -25,7 +37,7 @@ class ScalarPass:
     its row to op ``rows[k]`` (-1: the end-to-end total).
     """
 
-    rec: Any
+    rec: Recording
     dots: torch.Tensor
     rows: list[int]
     signs: list[float]
@@ -45,17 +57,7 @@ class ScalarPass:
 
 
 def scalar_pass(
-    model: nn.Module,
-    images: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor] | None,
-    target: Target,
-    transform: str,
-    generator: str,
-    layouts: dict[str, Layout] | None,
-    units: Sequence[str] | str,
-    keep_maps: bool,
-    progress: bool = False,
-    check_target: bool = True,
+    model: nn.Module, images: torch.Tensor, settings: Settings, *, check_target: bool = True
 ) -> ScalarPass:
     """Exact scalar contributions of every op from one recorded forward and ONE backward.
 
@@ -63,11 +65,13 @@ def scalar_pass(
     op sees private aliases of its inputs, so one backward gives ``J^T dT/dh_out`` per input. The
     total ``<dT/dx, D x>`` (minus ``<dT/df, D f>`` for an image-like output) comes from the same
     backward, independently of the ops. No host-device synchronisation once ``check_target`` is off.
+    ``settings.target`` is this batch's target; ``keep_maps`` keeps ``dT/dh_out * v_i`` per op.
     """
+    s = settings
     x = images.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        rec, f = record_forward(model, x, head, layouts, units, alias_inputs=True)
-        tvals, tdesc = target_values(f, target, check=check_target)
+        rec, f = record_forward(model, x, s, alias_inputs=True)
+        tvals, tdesc = target_values(f, s.target, check=check_target)
     f_layout = rec.layout_of(f) or infer_layout(f, model)
     ops = rec.ops
     active = [i for i, op in enumerate(ops) if not is_zero_by_construction(op)]
@@ -89,18 +93,18 @@ def scalar_pass(
             signs.append(sign)
 
     with torch.no_grad():
-        cache = DCache(transform, generator, ops, original=rec.original)
+        cache = DCache(s.transform, s.generator, ops, original=rec.original)
         term(-1, 1.0, x, rec.input_layout, cache)
         if f_layout.is_image_like:
             term(-1, -1.0, f, f_layout, cache)
-        for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not progress)):
+        for i, op in enumerate(tqdm(ops, desc="local Lie derivatives", disable=not s.progress)):
             if not is_zero_by_construction(op):
                 for h, lay in zip(op.inputs, op.in_layouts, strict=True):
                     term(i, 1.0, h, lay, cache)
                 for h, lay in zip(op.outputs, op.out_layouts, strict=True):
                     term(i, -1.0, h, lay, cache)
-                if keep_maps and op.outputs:
-                    (j, d), *_ = local_terms(op, transform, generator, cache)
+                if s.keep_maps and op.outputs:
+                    (j, d), *_ = local_terms(op, s.transform, s.generator, cache)
                     gr = by_id.get(id(op.outputs[0]))
                     maps[op.name] = torch.zeros_like(j) if gr is None else gr * (j - d)
             cache.release(i, op)
@@ -108,3 +112,18 @@ def scalar_pass(
         b = x.shape[0]
         stacked = torch.stack(dots) if dots else x.new_zeros((0, b))
     return ScalarPass(rec, stacked, rows, signs, maps, tdesc, f.detach())
+
+
+def scalar_attribution(model: nn.Module, images: torch.Tensor, settings: Settings) -> Attribution:
+    """The exact scalar decomposition of one batch (``settings.target`` not None)."""
+    sp = scalar_pass(model, images, settings)
+    values, total = sp.read()
+    return Attribution(
+        rec=sp.rec,
+        values=values,
+        total=total,
+        summed=values.sum(0),
+        target=sp.target,
+        pick=picker(sp.f, settings.target),
+        maps=sp.maps,
+    )

@@ -1,19 +1,26 @@
-"""self_checks"""
+"""The self-checks every result carries: the ops account for the total, the total is the truth.
+
+``completeness`` compares the total with the sum of the contributions (zero to float precision when
+no computation between input and output escaped the recording). ``total_vs_jvp`` compares the total,
+which the exact scalar pass reads off its own backward, with ``dT/dF . L_X F`` from an independent
+forward-mode jvp of the model as written; ``total_vs_fd`` with float64 finite differences. A result
+that fails one warns (:class:`SelfCheckWarning`): its numbers are not a finding.
+"""
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..lie import Output, _output_fn, finite_difference, lie_derivative
+from ..lie import finite_difference, lie_derivative
+from .settings import Settings
 
 if TYPE_CHECKING:
-    from .result import Decomposition
+    from .result import Attribution, Decomposition
 
 CHECKS: dict[str, str] = {
     "completeness": "||total - sum_i c_i|| / max(||total||, ||sum_i |c_i| ||): the ops account for the total",
@@ -45,56 +52,48 @@ def _relative(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float | No
 
 
 def self_checks(
-    model: nn.Module,
-    images: torch.Tensor,
-    transform: str,
-    *,
-    output: Output,
-    generator: str,
-    total: torch.Tensor,
-    summed: torch.Tensor | None,
-    magnitude: torch.Tensor | None,
-    pick: Callable[[torch.Tensor], torch.Tensor] | None,
-    independent_total: bool,
-    verify: str | None,
+    model: nn.Module, images: torch.Tensor, settings: Settings, att: Attribution
 ) -> tuple[dict[str, float], float]:
     """The checks of one batch (see :data:`CHECKS`) and their tolerance.
 
-    ``total`` came from the decomposition's own pass; ``independent_total`` says it already is an
-    end-to-end jvp (the whole-output route), else one is computed here. ``pick`` maps the output to
-    the attributed scalar (None: the whole output).
+    ``att.total`` came from the decomposition's own pass; ``att.total_is_jvp`` says it already is an
+    end-to-end jvp (the whole-output route), else one is computed here (``verify``). ``att.pick``
+    maps the output to the attributed scalar (None: the whole output).
     """
+    s = settings
     checks: dict[str, float] = {}
     tolerance = TOLERANCES.get(images.dtype, 1e-3)
-    if summed is not None:
-        scale = magnitude.double().norm().item() if magnitude is not None else None
-        checks["completeness"] = _relative(total, summed, scale)
-    if verify is None:
+    if att.summed is not None:
+        scale = att.values.abs().sum(0).double().norm().item()
+        checks["completeness"] = _relative(att.total, att.summed, scale)
+    if s.verify is None:
         return checks, tolerance
 
     def reference(net: nn.Module, x: torch.Tensor, how: str) -> torch.Tensor:
-        head = _output_fn(output)
+        head = s.head
         if how == "jvp":
-            whole = lie_derivative(net, x, transform, output=output, generator=generator)
+            whole = lie_derivative(net, x, s.transform, output=s.output, generator=s.generator)
         else:
-            whole = finite_difference(net, x, transform, output=output, generator=generator)
-        if pick is None:
+            whole = finite_difference(net, x, s.transform, output=s.output, generator=s.generator)
+        if att.pick is None:
             return whole
         with torch.no_grad():
             y = net(x)
             f = head(y) if head is not None else y
-            _, lin = torch.func.jvp(pick, (f,), (whole.to(f.dtype),))  # dT/dF . L_X F
+            _, lin = torch.func.jvp(att.pick, (f,), (whole.to(f.dtype),))  # dT/dF . L_X F
         return lin
 
-    if not independent_total:
-        checks["total_vs_jvp"] = _relative(total, reference(model, images, "jvp"))
-    if verify == "fd":
+    if not att.total_is_jvp:
+        checks["total_vs_jvp"] = _relative(att.total, reference(model, images, "jvp"))
+    if s.verify == "fd":
         net64 = model if images.dtype == torch.float64 else copy.deepcopy(model).double()
-        checks["total_vs_fd"] = _relative(total, reference(net64, images.double(), "fd"))
+        checks["total_vs_fd"] = _relative(att.total, reference(net64, images.double(), "fd"))
     return checks, tolerance
 
 
 def warn_failed(dec: Decomposition) -> None:
+    """Warn (:class:`SelfCheckWarning`) when ``dec`` failed a self-check. Called from ``decompose``
+    itself (``stacklevel=3``: the frame above it, its ``names_nonfinite_images`` wrapper)."""
     if not dec.passed:
         warnings.warn(
             "decomposition failed its self-check, its numbers are not a finding: "

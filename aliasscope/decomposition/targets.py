@@ -1,12 +1,25 @@
-"""targets"""
+"""The attributed scalar per image ``T``: class indices, ``"pred"`` or a callable on the output.
+
+A class target ``k`` attributes ``T = F_k(x)`` (``output(model(x))`` at class ``k``), ``"pred"`` each
+image's top class, a callable any ``(B, ...) -> (B,)`` map of the output. The exact scalar pass
+differentiates ``T`` (:func:`target_values`); the self-checks recompute ``L_X T = dT/dF . L_X F``
+from an independent ``L_X F`` with the same classes (:func:`picker`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-Target = int | Sequence[int] | torch.Tensor | str | Callable[[torch.Tensor], torch.Tensor]
+from .settings import Target
+
+
+def per_image(target: Target | None, n: int) -> bool:
+    """Whether ``target`` holds one class per image of ``n`` (a 1-D sequence or tensor of length
+    ``n``): a batched run then splits it with the images."""
+    one_d = isinstance(target, list | tuple) or (isinstance(target, torch.Tensor) and target.dim() == 1)
+    return one_d and len(target) == n
 
 
 def class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
@@ -28,6 +41,7 @@ def class_indices(target: Target, n: int, classes: int) -> torch.Tensor | None:
 
 
 def describe(idx: torch.Tensor) -> str:
+    """How a result names its class target: the class, or "per-image classes"."""
     return str(int(idx[0])) if (idx == idx[0]).all() else "per-image classes"
 
 

@@ -1,13 +1,29 @@
-"""vector"""
+"""The exact whole-output method: every op's contribution vector ``J_{>i} v_i`` (``target=None``).
+
+Writing ``e_h = dh - D h`` for the equivariance error an activation carries, ``e_out = v_i + J_i e_in``
+and ``e = 0`` at the input, so the Lie derivative of the whole output telescopes:
+
+    L_X F(x) = sum_i J_{>i} . v_i
+
+with ``J_{>i}`` the Jacobian of the rest of the network with respect to op i's output. Each ``v_i``
+is pushed forward by jvp through the ops after it (groups of ops at once, :func:`propagate`); a
+result reports each vector's L2 norm per image, and completeness checks every op's replay too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from ..capture import OpRecord, _tensors
 from ..forward_mode import jvp
+from .forward import whole_output_total
+from .local import last_uses, recorded_local_lie_derivatives
+from .result import Attribution
+from .settings import Settings
 
 
 def _widen(t: torch.Tensor, start: int, lo: int, hi: int) -> torch.Tensor:
@@ -95,3 +111,32 @@ def auto_group_size(ops: Sequence[OpRecord], device: torch.device) -> int:
     largest = max((t.numel() * t.element_size() for op in ops for t in op.outputs), default=1)
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(32, 0.5 * free // (6 * largest))))
+
+
+def vector_attribution(model: nn.Module, images: torch.Tensor, settings: Settings) -> Attribution:
+    """The exact whole-output decomposition of one batch: the vectors ``J_{>i} v_i`` (num_ops, B,
+    *output) in float64, their norms as values, the total by an end-to-end jvp."""
+    s = settings
+    rec, f, vs = recorded_local_lie_derivatives(model, images, s, track_grad=False)
+    ops, dev = rec.ops, images.device
+    total = whole_output_total(model, images, s)
+    vectors = torch.zeros(len(ops), *total.shape, dtype=torch.float64, device=dev)
+    order = sorted(vs)
+    last_use = last_uses(ops)
+    size = s.group_size or auto_group_size(ops, dev)
+    groups = [order[k : k + size] for k in range(0, len(order), size)]
+    with torch.no_grad():
+        for group in tqdm(groups, desc="contribution vectors", disable=not s.progress):
+            prop = propagate(ops, vs, group, f, last_use)
+            for k, i in enumerate(group):
+                vectors[i] = prop[k].double()
+    vectors = vectors.cpu()
+    return Attribution(
+        rec=rec,
+        values=vectors.flatten(2).norm(dim=2),
+        total=total,
+        summed=vectors.sum(0),
+        target="whole output",
+        vectors=vectors,
+        total_is_jvp=True,
+    )
