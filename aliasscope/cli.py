@@ -552,7 +552,8 @@ def _figures(
 
 
 def _checks(decs: dict[str, Any]) -> dict[str, Any]:
-    """The run's verdict: every self-check of every decomposition (see ``aliasscope.decompose.CHECKS``)."""
+    """The run's verdict: every self-check of every decomposition (see
+    ``aliasscope.decomposition.CHECKS``)."""
     failures = [line for d in decs.values() for line in d.failures()]
     ran = sorted({name for d in decs.values() for name in d.checks})
     return {"passed": not failures, "failures": failures, "ran": ran}
