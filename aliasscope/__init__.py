@@ -5,7 +5,7 @@ The method is the Lie derivative of a network (Gruver, Finzi, Goldblum, Wilson, 
 
 Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~aliasscope.generators`
 (their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics)
--> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decompose` (exact
+-> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decomposition` (exact
 per-op attribution with a completeness check) / :mod:`~aliasscope.spectral` (aliasing energy per op),
 with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos; the op kinds
 are one registry, :mod:`~aliasscope.kinds`.
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 from .capture import KINDS, OpRecord, Recording, record
 from .compare import Comparison, compare
 from .data import ImageBatch, load_images
-from .decompose import Decomposition, decompose
+from .decomposition import Decomposition, decompose
 from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
 from .generators import GENERATORS, apply_generator, generator_names
 from .kinds import Kind, get_kind, register_kind

@@ -6,9 +6,9 @@ captum's tooling (:meth:`captum.attr.LayerAttribution.interpolate`,
 
 * :class:`LayerLieDerivative` (a :class:`captum.attr.LayerAttribution`): per neuron of a layer's
   output, ``dT/dh * v``, where ``T`` is the selected output of the model and ``v = J_f D h_in - D h``
-  the layer's *local* Lie derivative (:mod:`aliasscope.decompose`). Summed over a layer's neurons it
-  is that layer's exact contribution to the Lie derivative of ``T``; summed over every op of the
-  model it is the whole Lie derivative ``L_X T``. Built on :func:`aliasscope.decompose.decompose`
+  the layer's *local* Lie derivative (:mod:`aliasscope.decomposition.local`). Summed over a layer's
+  neurons it is that layer's exact contribution to the Lie derivative of ``T``; summed over every op of the
+  model it is the whole Lie derivative ``L_X T``. Built on :func:`aliasscope.decomposition.decompose`
   (``keep_maps=True``): one forward and one backward pass for every layer at once.
 * :class:`LieDerivativeAttribution` (a :class:`captum.attr.GradientAttribution`): per input pixel
   and channel, ``dT/dx * D x`` (``D x``: the generator's tangent of the image), which sums to
@@ -43,7 +43,7 @@ from torch import nn
 from .borrow import borrowed
 from .capture import OpRecord
 from .checks import check_model
-from .decompose import Decomposition, decompose
+from .decomposition import Decomposition, decompose
 from .generators import apply_generator, get_generator
 from .layouts import BCHW, Layout, window_grid
 from .lie import lie_derivative
@@ -273,7 +273,7 @@ class LayerLieDerivative(LayerAttribution, GradientAttribution):
     whose local Lie derivative is ``v = J_f(h_in) D h_in - D h`` (``D``: the generator in that
     tensor's layout), :meth:`attribute` returns ``dT/dh * v`` elementwise, shaped like the layer's
     output. Summed over a layer's neurons it is the layer's contribution ``c = <dT/dh, v>`` (the
-    values of :func:`aliasscope.decompose.decompose`); summed over every op of the model it is the
+    values of :func:`aliasscope.decomposition.decompose`); summed over every op of the model it is the
     Lie derivative ``L_X T = sum_i c_i``, exactly (chain rule, no sampling; completeness to float
     precision). The convergence delta is ``L_X T - sum of the returned attributions``, per example:
     0 to float precision with ``layer=None``, the contribution of the other ops otherwise.

@@ -961,7 +961,7 @@ def record(
     alias_inputs:
         Give each op private views of its inputs (while recording with gradients), so that one
         backward pass gives the gradient reaching every op through every input: what
-        :func:`aliasscope.decompose.decompose` uses for exact scalar contributions.
+        :func:`aliasscope.decomposition.decompose` uses for exact scalar contributions.
 
     Examples
     --------

@@ -484,7 +484,7 @@ def _figures(
     from tqdm.auto import tqdm
 
     from . import plots
-    from .decompose import decompose
+    from .decomposition import decompose
 
     folder = out / "figures"
     num_ops = next(iter(decs.values())).num_ops if decs else None
@@ -547,7 +547,8 @@ def _figures(
 
 
 def _checks(decs: dict[str, Any]) -> dict[str, Any]:
-    """The run's verdict: every self-check of every decomposition (see ``aliasscope.decompose.CHECKS``)."""
+    """The run's verdict: every self-check of every decomposition (see
+    ``aliasscope.decomposition.CHECKS``)."""
     failures = [line for d in decs.values() for line in d.failures()]
     ran = sorted({name for d in decs.values() for name in d.checks})
     return {"passed": not failures, "failures": failures, "ran": ran}
@@ -626,7 +627,7 @@ def _layerwise(
     file), each transform's Decomposition into ``decs``; returns the summary part."""
     from tqdm.auto import tqdm
 
-    from .decompose import decompose
+    from .decomposition import decompose
 
     target = _parse_target(args.target)
     result: dict[str, Any] = {}

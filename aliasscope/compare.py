@@ -233,7 +233,7 @@ def compare(
 
     from .borrow import borrowed, check_images
     from .checks import check_int, check_labels, check_model, check_transforms, expected_input_size
-    from .decompose import decompose as _decompose
+    from .decomposition import decompose as _decompose
     from .lie import equivariance_metrics
     from .spectral import spectral
 

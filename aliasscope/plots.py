@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .compare import Comparison
-    from .decompose import Decomposition
+    from .decomposition import Decomposition
     from .lie import EquivarianceMetrics
     from .spectral import Spectrum
 

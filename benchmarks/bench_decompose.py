@@ -26,7 +26,8 @@ from timing import best_time, model_and_images, model_arguments
 
 from aliasscope.borrow import borrowed
 from aliasscope.capture import record
-from aliasscope.decompose import _is_zero_by_construction, decompose, local_lie_derivative
+from aliasscope.decomposition import decompose, local_lie_derivative
+from aliasscope.decomposition.local import is_zero_by_construction
 
 
 def paper_style_probes(model, x, transform: str, num_probes: int) -> None:
@@ -37,7 +38,7 @@ def paper_style_probes(model, x, transform: str, num_probes: int) -> None:
         xr = x.detach().clone().requires_grad_(True)
         with torch.enable_grad(), record(model) as rec:
             f = F.softmax(model(xr), dim=-1)
-        ops = [op for op in rec.ops if not _is_zero_by_construction(op)]
+        ops = [op for op in rec.ops if not is_zero_by_construction(op)]
         vs = [local_lie_derivative(op, transform, "central") for op in ops]
         outs = [h for op in ops for h in op.outputs if h.requires_grad]
         z = torch.randn_like(f)

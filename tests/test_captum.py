@@ -15,7 +15,7 @@ from conftest import random_images, smooth_cnn
 from torch import nn
 
 from aliasscope.captum import LayerLieDerivative, LieDerivativeAttribution
-from aliasscope.decompose import decompose
+from aliasscope.decomposition import decompose
 from aliasscope.lie import lie_derivative
 
 

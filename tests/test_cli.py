@@ -279,7 +279,7 @@ def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, mon
     summary and summary.json say so instead of ranking ops or advising a fix."""
     import importlib
 
-    dec = importlib.import_module("aliasscope.decompose")  # the module (the package exports the function)
+    dec = importlib.import_module("aliasscope.decomposition.self_checks")  # where the checks read TOLERANCES
     monkeypatch.setattr(dec, "TOLERANCES", {k: 0.0 for k in dec.TOLERANCES})
     imgs = _photos(tmp_path / "imgs", 2)
     argv = ["diagnose", *[a for a in TINY if a != "--quiet"], "--images", str(imgs)]

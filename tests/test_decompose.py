@@ -13,7 +13,7 @@ from conftest import IMAGENET_SAMPLE, random_images, smooth_cnn
 from torch import nn
 
 from aliasscope.capture import record
-from aliasscope.decompose import decompose, local_lie_derivative
+from aliasscope.decomposition import decompose, local_lie_derivative
 from aliasscope.generators import apply_generator
 from aliasscope.lie import lie_derivative
 from aliasscope.resample import resample

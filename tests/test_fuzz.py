@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from aliasscope.decompose import decompose
+from aliasscope.decomposition import decompose
 from aliasscope.lie import default_eps, finite_difference, lie_derivative
 
 EXAMPLES = int(os.environ.get("ALIASSCOPE_FUZZ_EXAMPLES", "30"))

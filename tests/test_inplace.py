@@ -14,7 +14,7 @@ from conftest import rel_err
 from inplace_catalogue import PATTERNS, PatternNet
 
 from aliasscope.capture import record
-from aliasscope.decompose import decompose
+from aliasscope.decomposition import decompose
 from aliasscope.lie import finite_difference, lie_derivative
 from aliasscope.spectral import spectral
 

@@ -18,7 +18,7 @@ import aliasscope
 from aliasscope import capture, kinds, plots, report
 from aliasscope.capture import record
 from aliasscope.compare import Comparison
-from aliasscope.decompose import decompose
+from aliasscope.decomposition import decompose
 from aliasscope.fixes import FIXES
 from aliasscope.kinds import Fix, Kind, get_kind, register_kind, unregister_kind
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from aliasscope import plots
 from aliasscope.cli import _print_summary, main
-from aliasscope.decompose import decompose
+from aliasscope.decomposition import decompose
 from aliasscope.lie import EquivarianceMetrics
 from aliasscope.report import (
     SHARE_DEFINITION,
