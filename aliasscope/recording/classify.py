@@ -27,9 +27,7 @@ _POOL_REDUCE = {
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
 }
-# pure data movement: the layout rules give results roles that make D commute with it (indexing
-# excluded: reading out one grid token does not commute)
-# calls that capture reads from their arguments (strides, sizes, dims, inputs): their function name
+# calls whose kind is read from their arguments (strides, sizes, dims, inputs): their function name
 # alone does not say their kind (for the others, Kind.functions does)
 _ARGUMENT_RULES = (
     frozenset(

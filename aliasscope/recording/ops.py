@@ -18,6 +18,8 @@ from ..layouts import Layout
 __all__ = ["OpRecord", "Recording", "select_ops"]
 
 _LAYOUT_OPS = get_kind("layout").functions
+# pure data movement: the layout rules give results roles that make D commute with it (indexing
+# excluded: reading out one grid token does not commute)
 _MOVES = (_LAYOUT_OPS - {"getitem", "select"}) | {"Identity", "Dropout"}
 
 
