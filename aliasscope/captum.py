@@ -216,36 +216,16 @@ class _Op:
 
 @dataclass
 class _Structure:
-    """The op graph seen through decompose's ``select`` predicate: which op produced each input.
-
-    Each op's inputs are private aliases (views) of the activations they read; an alias's autograd
-    node points at the producing tensor's node and output number, which identifies the producer.
-    """
+    """The op graph seen through decompose's ``select`` predicate: which op produced each input, from
+    the recording's producer links (:attr:`aliasscope.capture.OpRecord.producers`)."""
 
     ops: list[_Op] = field(default_factory=list)
-    _outputs: dict[tuple[Any, int], tuple[int, int]] = field(default_factory=dict)
-
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple[Any, int] | None:
-        return None if t.grad_fn is None else (t.grad_fn, t.output_nr)
-
-    def _producer(self, t: torch.Tensor) -> tuple[int, int] | None:
-        key = self._key(t)
-        if key is not None and key in self._outputs:
-            return self._outputs[key]
-        if t.grad_fn is not None and t.grad_fn.next_functions:
-            parent = t.grad_fn.next_functions[0]
-            if parent in self._outputs:
-                return self._outputs[parent]
-        return None  # the model's input (or a tensor made outside any recorded op)
+    _base: int = 0
 
     def add(self, op: OpRecord) -> None:
-        index = len(self.ops)
-        producers = [self._producer(t) for t in op.inputs]
-        for k, t in enumerate(op.outputs):
-            key = self._key(t)
-            if key is not None:
-                self._outputs[key] = (index, k)
+        if op.index == 0:  # a recording's first op: its links count from here
+            self._base = len(self.ops)
+        producers = [None if p is None else (self._base + p[0], p[1]) for p in op.producers]
         out = op.outputs[0] if op.outputs else None
         self.ops.append(
             _Op(
@@ -261,9 +241,6 @@ class _Structure:
                 device=out.device if out is not None else None,
             )
         )
-
-    def release(self) -> None:
-        self._outputs.clear()
 
 
 class LayerLieDerivative(LayerAttribution, GradientAttribution):
@@ -465,21 +442,18 @@ class LayerLieDerivative(LayerAttribution, GradientAttribution):
             )
 
         with borrowed(self.forward_func):
-            try:
-                d = decompose(
-                    model,
-                    x,
-                    self.transform,
-                    target=_target_fn(target),
-                    output="logits",
-                    generator=self.generator,
-                    select=select,
-                    layouts={prefix + k: v for k, v in self.layouts.items()},
-                    units=self._units(prefix),
-                    keep_maps=True,
-                )
-            finally:
-                structure.release()
+            d = decompose(
+                model,
+                x,
+                self.transform,
+                target=_target_fn(target),
+                output="logits",
+                generator=self.generator,
+                select=select,
+                layouts={prefix + k: v for k, v in self.layouts.items()},
+                units=self._units(prefix),
+                keep_maps=True,
+            )
         if not structure.ops:
             raise RuntimeError("the decomposition recorded no ops")
         if prefix:

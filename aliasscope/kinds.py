@@ -12,8 +12,8 @@ change. Everything a kind needs is in its record here, so adding one is one entr
 :data:`KINDS` (name -> description), :data:`KIND_COLOURS` (name -> colour) and :data:`FIX_FOR_KIND`
 (name -> (fix, advice)) are views of the registry, kept in step with it by :func:`register_kind` and
 :func:`unregister_kind` (edit the registry, not them). Recognising an op by its arguments (strides,
-sizes, layouts) is code and stays in :mod:`aliasscope.capture`; recognising it by its function name is
-data and lives here (:attr:`Kind.functions`).
+sizes, layouts) is code and stays in :mod:`aliasscope.recording.classify`; recognising it by its
+function name is data and lives here (:attr:`Kind.functions`).
 """
 
 from __future__ import annotations
