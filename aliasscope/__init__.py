@@ -8,7 +8,9 @@ Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~
 -> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decomposition` (exact
 per-op attribution with a completeness check) / :mod:`~aliasscope.spectral` (aliasing energy per op),
 with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos; the op kinds
-are one registry, :mod:`~aliasscope.kinds`.
+are one registry, :mod:`~aliasscope.kinds`. :func:`~aliasscope.diagnosis.diagnose` runs all of it (what
+``aliasscope diagnose`` does) and returns a :class:`~aliasscope.diagnosis.Diagnosis`; the report's
+figures are one registry, :mod:`~aliasscope.figures`.
 
 Quick start::
 
@@ -27,6 +29,8 @@ from .capture import KINDS, OpRecord, Recording, record
 from .compare import Comparison, compare
 from .data import ImageBatch, load_images
 from .decomposition import Decomposition, decompose
+from .diagnosis import Diagnosis, diagnose
+from .figures import register_figure
 from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
 from .generators import GENERATORS, apply_generator, generator_names
 from .kinds import Kind, get_kind, register_kind
@@ -37,6 +41,7 @@ from .plots import (
     plot_alias_vs_attribution,
     plot_comparison,
     plot_layer_attribution,
+    plot_lie_distribution,
     plot_spectral,
     plot_transforms,
     plot_where,
@@ -86,6 +91,9 @@ __all__ = [
     "register_kind",
     "decompose",
     "Decomposition",
+    # the whole diagnosis (what `aliasscope diagnose` runs)
+    "diagnose",
+    "Diagnosis",
     # spectra
     "spectral",
     "Spectrum",
@@ -104,6 +112,8 @@ __all__ = [
     "plot_alias_vs_attribution",
     "plot_where",
     "plot_comparison",
+    "plot_lie_distribution",
+    "register_figure",
     "render_report",
     "write_report",
     # captum (imported on first use: captum's import is slow)

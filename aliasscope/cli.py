@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import platform
 import re
 import sys
 import time
@@ -288,46 +287,10 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
     return text
 
 
-def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    from .borrow import borrowed
-    from .checks import check_labels
-    from .compare import _predict
-
-    with borrowed(model), torch.no_grad():  # eval mode, given back as it came
-        y = model(images[:1])
-        labels = check_labels(labels, images.shape[0], y.shape[-1] if isinstance(y, torch.Tensor) else None)
-        return (_predict(model, images, batch_size) == labels).double().mean().item()
-
-
-def _predictions(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int
-) -> dict[str, Any]:
-    """Per image: the predicted class, its softmax probability and the label (None when unlabelled)."""
-    from .borrow import borrowed
-
-    classes: list[int] = []
-    probs: list[float] = []
-    with borrowed(model), torch.no_grad():  # eval mode, given back as it came
-        for s in range(0, images.shape[0], batch_size):
-            conf, idx = model(images[s : s + batch_size]).softmax(-1).max(-1)
-            classes += idx.cpu().tolist()
-            probs += conf.double().cpu().tolist()
-    return {
-        "predicted_class": classes,
-        "probability": probs,
-        "label": None if labels is None else labels.tolist(),
-    }
-
-
 def _versions() -> dict[str, str]:
-    import timm
+    from .diagnosis import versions
 
-    return {
-        "aliasscope": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
+    return versions()
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
@@ -388,66 +351,60 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
-    """The work of ``aliasscope diagnose`` into the open output folder; returns the summary, its JSON
-    text and the end-to-end metrics."""
+    """The work of ``aliasscope diagnose`` into the open output folder: load, :func:`aliasscope.diagnose`,
+    write the files and the report from the :class:`~aliasscope.diagnosis.Diagnosis`; returns the
+    summary, its JSON text and the end-to-end metrics."""
     from .data import load_images
-    from .lie import equivariance_metrics
-    from .report import per_image_rows
+    from .diagnosis import diagnose as run_diagnosis
+    from .diagnosis import parse_target
+    from .figures import draw_figures
 
+    if args.layerwise:
+        parse_target(args.target)  # a bad --target fails before any work
     model, preprocess = _load(args)
     batch = load_images(args.images, preprocess, limit=args.num_images, every=args.every)
     batch.images = batch.images.to(_dtype(args))
-    images = batch.images.to(args.device)
-    top1 = None if batch.labels is None else _top1(model, images, batch.labels, args.batch_size)
-    metrics = equivariance_metrics(
+    result = run_diagnosis(
         model,
         batch,
-        args.transforms,
+        transforms=args.transforms,
+        layer_transforms=args.layer_transforms if args.layerwise else None,
+        target=args.target,
         generator=args.generator,
         batch_size=args.batch_size,
+        spectral=args.spectral,
+        upsample=args.upsample,
+        spectral_images=args.spectral_images,
+        convergence=tuple(args.convergence),
         progress=not args.quiet,
+        preprocess=preprocess,
+        settings={
+            "model": args.model,
+            "pretrained": bool(args.pretrained),
+            "images": args.images or "scikit-image bundled photos",
+            "device": args.device,
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "where_images": args.where_images,
+        },
     )
-    _record(out, args, model, len(batch))
-    out.write_csv("metrics.csv", metrics.per_image())
-    summary: dict[str, Any] = {
-        "model": args.model,
-        "pretrained": bool(args.pretrained),
-        "images": args.images or "scikit-image bundled photos",
-        "num_images": len(batch),
-        "preprocess": repr(preprocess),
-        "generator": args.generator,
-        "device": args.device,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "target": args.target,
-        "top1": top1,
-        "seconds": None,
-        "versions": _versions(),
-        "intervals": {t: list(v) for t, v in metrics.interval().items()},
-        "metrics": json.loads(metrics.to_json()),
-        "predictions": _predictions(model, images, batch.labels, args.batch_size),
-    }
-    out.write_csv("per_image.csv", per_image_rows(summary))
-    layer_rows: list[dict[str, Any]] = []
-    decs: dict[str, Any] = {}
-    spectrum = spectral_rows = None
-    if args.layerwise:
-        summary["layerwise"] = _layerwise(args, model, images, out, layer_rows, decs)
-    summary["checks"] = _checks(decs)
-    if args.spectral:
-        summary["spectral"], spectrum, spectral_rows = _spectral(args, model, images, out, layer_rows)
-    if args.report:
-        figures = _figures(
-            args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out
-        )
-    summary["seconds"] = round(time.perf_counter() - start, 2)
+    _record(out, args, model, result.num_images)
+    out.write_csv("metrics.csv", result.metrics.per_image())
+    out.write_csv("per_image.csv", result.per_image_rows())
+    if result.decompositions:
+        out.write_csv("layers.csv", result.layers_rows())
+    if result.join is not None:
+        out.write_csv("spectral.csv", result.join.rows)
+    figures = draw_figures(result, out / "figures", progress=not args.quiet) if args.report else {}
+    result.timings["total"] = time.perf_counter() - start
+    summary = result.to_dict()
     # strict JSON: NaN (a measure that does not apply) written as null; a "provenance" object added
     text = out.write_json("summary.json", summary)
     if args.report:
         from .report import write_report
 
         write_report(out / "report.html", summary, figures, files=[*out.written(), "manifest.json"])
-    return summary, text, metrics
+    return summary, text, result.metrics
 
 
 def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: OutputFolder, start: float) -> None:
@@ -475,186 +432,6 @@ def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: Output
     if summary.get("spectral"):
         print(f"spectral convergence: {convergence_verdict(summary['spectral'].get('convergence'))[1]}")
     print(f"\nwrote {out.describe()} into {out.display}/ ({time.perf_counter() - start:.1f} s)")
-
-
-def _figures(
-    args, model, batch, preprocess, metrics, decs, spectrum, spectral_rows, summary, out: OutputFolder
-) -> dict[str, Path]:
-    """Every figure of the report into ``out/figures``; returns {key: png path}."""
-    from tqdm.auto import tqdm
-
-    from . import plots
-    from .decomposition import decompose
-
-    folder = out / "figures"
-    num_ops = next(iter(decs.values())).num_ops if decs else None
-    jobs: list[tuple[str, Any]] = [("transforms", lambda p: plots.plot_transforms(metrics, p))]
-    if decs:
-        jobs.append(("attribution", lambda p: plots.plot_layer_attribution(decs, p)))
-    if spectrum is not None:
-        jobs.append(("spectral", lambda p: plots.plot_spectral(spectrum, p, num_ops=num_ops)))
-        if spectrum.convergence:
-            jobs.append(("convergence", lambda p: plots.plot_convergence(spectrum, p, num_ops=num_ops)))
-        if spectral_rows is not None and decs:
-            join = summary["spectral"]["join"]
-            jobs.append(
-                (
-                    "alias_vs_attribution",
-                    lambda p: plots.plot_alias_vs_attribution(
-                        spectral_rows,
-                        p,
-                        rho=join["spearman_rho"],
-                        p_value=join["p_value"],
-                        num_ops=num_ops,
-                        transforms=list(decs),
-                    ),
-                )
-            )
-    if args.where_images > 0 and decs:
-        x = batch.images[: args.where_images].to(args.device)
-        target = _parse_target(args.target)  # maps need a scalar: 'all' shows the predicted class
-        titles = [Path(f).stem for f in batch.files[: x.shape[0]]]
-        # ranked by the layer attribution over all images (same target), maps for the first images
-        summary["where"] = {
-            "images": x.shape[0],
-            "titles": titles,
-            "transforms": list(decs),
-            "ranked_over": len(batch) if target is not None else x.shape[0],
-        }
-
-        def where(p: Path, transform: str):
-            dec = decompose(
-                model,
-                x,
-                transform,
-                target="pred" if target is None else target,
-                output="softmax",
-                generator=args.generator,
-                keep_maps=True,
-            )
-            reference = decs[transform] if target is not None else None
-            return plots.plot_where(
-                x, dec, p, reference=reference, mean=preprocess.mean, std=preprocess.std, titles=titles
-            )
-
-        for transform in decs:
-            jobs.append((f"where_{transform}", lambda p, t=transform: where(p, t)))
-    paths = {}
-    for key, job in tqdm(jobs, desc="figures", disable=args.quiet):
-        job(folder / key)  # a bare Figure (not in pyplot's list): freed with its last reference
-        paths[key] = folder / f"{key}.png"
-    return paths
-
-
-def _checks(decs: dict[str, Any]) -> dict[str, Any]:
-    """The run's verdict: every self-check of every decomposition (see
-    ``aliasscope.decomposition.CHECKS``)."""
-    failures = [line for d in decs.values() for line in d.failures()]
-    ran = sorted({name for d in decs.values() for name in d.checks})
-    return {"passed": not failures, "failures": failures, "ran": ran}
-
-
-def _parse_target(text: str) -> int | str | None:
-    if text == "all":
-        return None
-    if text == "pred":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--target must be 'pred', 'all' or a class index, got {text!r}") from None
-
-
-def _spectral(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    out: OutputFolder,
-    layer_rows: list[dict],
-) -> tuple[dict[str, Any], Any, list[dict]]:
-    """Aliasing per op joined with its Lie-derivative share; writes spectral.csv; returns the summary
-    part, the Spectrum and the joined rows."""
-    from scipy import stats
-
-    from .spectral import spectral
-
-    sp = spectral(
-        model,
-        images[: args.spectral_images],
-        upsample=args.upsample,
-        batch_size=args.batch_size,
-        convergence=tuple(args.convergence),
-        progress=not args.quiet,
-    )
-    shares: dict[str, list[float]] = {}
-    for row in layer_rows:
-        shares.setdefault(row["name"], []).append(float(row["share"]))
-    rows, pairs = [], []
-    for r in sp.table:
-        share = sum(shares[r["name"]]) / len(shares[r["name"]]) if r["name"] in shares else float("nan")
-        alias = r["alias_ratio"] if r["alias_ratio"] == r["alias_ratio"] else r["stride_alias"]
-        rows.append({**r, "alias": alias, "lie_share": share})
-        # ops that are linear per pixel (eval BatchNorm) have alias ~0 (rounding) and share 0 by construction:
-        # ranking them would only inflate the correlation
-        if alias == alias and share == share and alias > 1e-9:
-            pairs.append((share, alias))
-    out.write_csv("spectral.csv", rows)
-    join: dict[str, Any] = {"ops": len(pairs), "spearman_rho": None, "p_value": None}
-    if len(pairs) >= 3:
-        res = stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
-        join.update(spearman_rho=float(res.statistic), p_value=float(res.pvalue))
-    top = sorted((r for r in rows if r["alias"] == r["alias"]), key=lambda r: -r["alias"])[:10]
-    part = {
-        "upsample": args.upsample,
-        "images": int(min(args.spectral_images, images.shape[0])),
-        "by_kind": sp.by_kind(),
-        "convergence": sp.convergence_summary(),
-        "join": join,
-        "top": [{k: r[k] for k in ("order", "name", "kind", "alias", "lie_share")} for r in top],
-    }
-    return part, sp, rows
-
-
-def _layerwise(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    out: OutputFolder,
-    rows: list[dict],
-    decs: dict[str, Any],
-) -> dict[str, Any]:
-    """Decompose each --layer-transforms over all images; rows of layers.csv into ``rows`` (and the
-    file), each transform's Decomposition into ``decs``; returns the summary part."""
-    from tqdm.auto import tqdm
-
-    from .decomposition import decompose
-
-    target = _parse_target(args.target)
-    result: dict[str, Any] = {}
-    for name in tqdm(args.layer_transforms, desc="layer attribution", disable=args.quiet):
-        d = decompose(
-            model,
-            images,
-            name,
-            target=target,
-            output="softmax",
-            generator=args.generator,
-            batch_size=args.batch_size,
-        )
-        decs[name] = d
-        rows.extend({"transform": name, **r} for r in d.table)
-        result[name] = {
-            "checks": dict(d.checks),
-            "passed": d.passed,
-            "failures": d.failures(),
-            "completeness_error": d.completeness_error,
-            "num_ops": d.num_ops,
-            "target": d.target,
-            "by_kind": d.by_kind(),
-            "top": d.top(10),
-        }
-    out.write_csv("layers.csv", rows)
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ and, given ``path``, writes ``path.png`` and ``path.svg``:
 - :func:`plot_layer_attribution`: per-op shares along depth (one row per transform), cumulative share,
   shares by kind;
 - :func:`plot_transforms`: end-to-end Lie derivative per transform with 95% intervals;
+- :func:`plot_lie_distribution`: the same per image (points over quartile boxes);
 - :func:`plot_spectral`: alias energy along depth and radial spectra (depth x frequency);
 - :func:`plot_convergence`: the alias ratio at every upsampling factor measured, with a verdict;
 - :func:`plot_alias_vs_attribution`: alias energy vs Lie-derivative share, one point per op;
@@ -48,6 +49,7 @@ __all__ = [
     "plot_comparison",
     "plot_convergence",
     "plot_layer_attribution",
+    "plot_lie_distribution",
     "plot_spectral",
     "plot_transforms",
     "plot_where",
@@ -440,6 +442,43 @@ def plot_transforms(metrics: EquivarianceMetrics, path: str | Path | None = None
     ax.set_title(
         f"End-to-end equivariance error per transform ({metrics.num_images} images, "
         f"{metrics.generator} generator); lower = more equivariant"
+    )
+    save_figure(fig, path)
+    return fig
+
+
+@_styled
+def plot_lie_distribution(metrics: EquivarianceMetrics, path: str | Path | None = None) -> Figure:
+    """Per-image end-to-end Lie derivative per transform: one point per image (jittered) over a box
+    of its quartiles and median, log scale; whether a mean is carried by all images or by a few."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = metrics.values.double().numpy()
+    names = list(metrics.transforms)
+    fig, ax = plt.subplots(
+        figsize=(min(FIGURE_WIDTH, max(6.0, 0.75 * len(names) + 2)), 4.4), layout="constrained"
+    )
+    positive = values[np.isfinite(values) & (values > 0)]
+    floor = positive.min() / 4 if positive.size else 1e-12
+    shown = np.where(np.isfinite(values) & (values > 0), values, floor)
+    ax.boxplot(
+        [shown[:, j] for j in range(len(names))],
+        positions=np.arange(len(names)),
+        widths=0.6,
+        showfliers=False,
+        medianprops={"color": "#c44e52"},
+    )
+    rng = np.random.default_rng(0)
+    for j in range(len(names)):
+        jitter = rng.uniform(-0.18, 0.18, shown.shape[0])
+        ax.plot(j + jitter, shown[:, j], "o", color="#4c72b0", ms=4, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right")
+    ax.set_ylabel("mean over classes of |L_X softmax|\n(one point per image)")
+    ax.set_title(
+        f"Per-image equivariance error per transform ({metrics.num_images} images, "
+        f"{metrics.generator} generator)"
     )
     save_figure(fig, path)
     return fig

@@ -260,104 +260,21 @@ window.addEventListener('load', function () {
 _SETTINGS = ("model", "pretrained", "images", "num_images", "preprocess", "generator", "device", "dtype")
 _SETTINGS += ("seed", "target")
 
-_ORDER = ["transforms", "attribution", "where", "spectral", "convergence", "alias_vs_attribution"]
-_TITLES = {
-    "transforms": "End-to-end Lie derivative per transform",
-    "attribution": "Layer attribution",
-    "where": "Where in the image",
-    "spectral": "Aliasing energy per op",
-    "convergence": "Convergence of the alias measure in the upsampling factor",
-    "alias_vs_attribution": "Alias energy vs attribution",
-}
-
-
-def _num_ops(summary: dict[str, Any]) -> int | None:
-    layer = summary.get("layerwise") or {}
-    return next((p.get("num_ops") for p in layer.values()), None)
-
 
 def _caption(key: str, summary: dict[str, Any]) -> str:
-    """The caption under figure ``key``: what it shows, over which images and ops, and how to read it."""
-    layer = summary.get("layerwise") or {}
-    n_ops = _num_ops(summary)
-    of_ops = f" of the {n_ops} ops in layers.csv" if n_ops else ""
-    images = summary.get("num_images")
-    if key == "transforms":
-        return (
-            f"End-to-end Lie derivative per transform (mean over the {images} images of the mean over "
-            "classes of |L_X softmax|, 95% BCa bootstrap interval, log scale): which symmetries the model "
-            "breaks most."
-        )
-    if key == "attribution":
-        names = ", ".join(t.replace("_", " ") for t in layer)
-        return (
-            f"Layer attribution, one row per transform ({html.escape(names)}; all {images} images): "
-            "each op's share of the Lie derivative in call order, coloured by op kind, stage boundaries "
-            f"dotted; the 5 largest are numbered and listed on the right (top 5{of_ops}); the black line "
-            "is the cumulative share. Ops whose share is below 1e-9 in every transform (zero by "
-            "construction: data movement, eval BatchNorm, per-position linear maps) are left off the "
-            "axis. Bottom: shares by op kind per transform. "
-            f"{_SHARE_HTML}. Tall early bars mean the model breaks equivariance early."
-        )
-    if key.startswith("where"):
-        transform = key.partition("_")[2] or next(iter(layer), "")
-        info = summary.get("where") or {}
-        n = info.get("images", "the first")
-        files = ", ".join(html.escape(str(f)) for f in info.get("titles", []))
-        ranked = info.get("ranked_over", images)
-        if key not in ("where", f"where_{next(iter(layer), '')}"):  # the first one explains it all
-            return (
-                f"As above, under {html.escape(transform.replace('_', ' '))}: the top 3 ops' contribution "
-                f"maps for the first {n} of the {images} images ({files}), ranked over "
-                f"{'all ' if ranked == images else 'these '}{ranked} images; each map on its own colour "
-                "scale (its colour bar)."
-            )
-        if ranked == images:
-            which = (
-                f"The ops are the top 3{of_ops} by share in the layer attribution (ranked over all {images} "
-                "images, as in the attribution figure and the Top ops table; an op with no single image "
-                "grid, such as a pooled vector, is skipped). "
-            )
-        else:
-            which = (
-                f"The ops are ranked, and their shares computed, over these {n} images only, for the "
-                "predicted class (the layer attribution's target has no per-pixel maps). "
-            )
-        return (
-            f"Where in the image the top ops' contributions under {html.escape(transform.replace('_', ' '))} "
-            f"sit, for the first {n} of the {images} images only ({files}). {which}"
-            "Each map is dT/dh &middot; v summed over channels and upsampled to the photo; red positive, "
-            "blue negative. Each map has its own symmetric colour scale, given by its colour bar "
-            "(clipped at the 99.5th percentile of |map|): compare the patterns, and the numbers c (the "
-            "op's exact contribution on that image), not colours across panels. Contributions at the "
-            "image border point to padding; on edges and textures, to aliasing."
-        )
-    if key == "spectral":
-        return (
-            "Left: alias energy per op along depth (circles: pointwise ops measured at higher "
-            "resolution; squares: energy above the output's Nyquist frequency that folds back at a "
-            f"stride); only the ops that can alias are measured (their number{of_ops} is on the axis), "
-            "the 5 largest numbered and listed. Right: radial power spectra of the same ops' outputs; "
-            "power right of the dashed Nyquist line is only reachable along diagonals. White: "
-            "frequencies an op's grid does not have (a small grid has no samples in the outer rings)."
-        )
-    if key == "convergence":
-        return (
-            "Each pointwise op's alias ratio at every upsampling factor measured (left) and its "
-            "relative change against the factor used, --upsample (right; dashed line: the "
-            f"{100 * CONVERGENCE_TOLERANCE:.0f}% tolerance of the verdict)."
-        )
-    if key == "alias_vs_attribution":
-        names = ", ".join(t.replace("_", " ") for t in layer)
-        return (
-            "One point per op that can alias (the title says how many"
-            f"{of_ops}; eval BatchNorm and other per-pixel linear ops have alias ~0 and share 0 by "
-            "construction and are left out): alias energy against its share, the mean over "
-            f"{html.escape(names)}. "
-            "The top ops by share and by alias energy are numbered and listed. If aliasing explained the "
-            "equivariance error, points would rise to the right (positive rank correlation)."
-        )
-    return ""
+    """The caption under figure ``key``: the registered figure's (:mod:`aliasscope.figures`), else
+    none."""
+    from .figures import figure_spec
+
+    spec = figure_spec(key)
+    return "" if spec is None else spec.caption(summary, key)
+
+
+def _title(key: str) -> str:
+    from .figures import figure_spec
+
+    spec = figure_spec(key)
+    return key if spec is None else spec.title_of(key)
 
 
 def _failed_box(failures: list[str]) -> str:
@@ -423,17 +340,14 @@ def render_report(
         parts.append(f"<p>{_verdict_html(sp)}</p>")
     parts.append("</div>")
 
-    layer_order = [f"where_{t}" for t in summary.get("layerwise") or {}]
-    order = _ORDER[:2] + layer_order + _ORDER[2:]
+    from .figures import report_keys
+
+    order = report_keys(summary)  # the figure registry's order (aliasscope.figures)
     placed_csv = False
     for key in order + [k for k in figures if k not in order]:
         if key not in figures:
             continue
-        title = _TITLES.get(key) or (
-            f"Where in the image: {key.partition('_')[2].replace('_', ' ')}"
-            if key.startswith("where_")
-            else key
-        )
+        title = _title(key)
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(_image(Path(figures[key]), title))
         caption = _caption(key, summary)

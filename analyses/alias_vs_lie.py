@@ -6,7 +6,8 @@ Lie derivative, pooled over pretrained models, as a rank correlation with a boot
 For each pretrained model (lite0/1/2, mobilenetv2_100 when installed): the exact layer attribution of
 the predicted class's probability under translate_x (``--layer-images`` images) and, per op, its alias
 energy (``aliasscope.spectral`` at 4x: alias ratio of pointwise ops, stride alias of strided ops, on
-``--spectral-images`` images). Ops whose alias is rounding (< 1e-9: eval BatchNorm) are left out. The
+``--spectral-images`` images), joined by ``aliasscope.diagnosis.alias_join`` (the join ``aliasscope
+diagnose`` reports). Ops whose alias is rounding (< 1e-9: eval BatchNorm) are left out. The
 Spearman correlation is reported per model and pooled (ranks within each model, so that models of
 different depth are comparable), with a 95% bootstrap interval over ops. Writes alias_vs_lie.csv
 (one row per op), alias_vs_lie.json and a scatter figure.
@@ -22,6 +23,7 @@ from common import PRETRAINED, analysis_parser, attribute, begin, each_model
 from scipy import stats
 
 from aliasscope import spectral
+from aliasscope.diagnosis import alias_join
 from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv
 
@@ -48,27 +50,25 @@ def main() -> None:
     for name, model, x, _, _ in each_model(PRETRAINED, args.images, args.layer_images, device=args.device):
         dec = attribute(model, x, ["translate_x"])["translate_x"]
         sp = spectral(model, x[: args.spectral_images], upsample=4)
-        share = dict(zip(dec.names, dec.shares().tolist(), strict=True))
-        alias = np.where(np.isnan(sp.alias_ratio.numpy()), sp.stride_alias.numpy(), sp.alias_ratio.numpy())
-        mine = []
-        for n, k, a in zip(sp.names, sp.kinds, alias, strict=True):
-            if np.isfinite(a) and a > 1e-9 and n in share:
-                mine.append({"model": name, "name": n, "kind": k, "alias": float(a), "share": share[n]})
+        join = alias_join(sp, {"translate_x": dec})  # the join aliasscope diagnose reports
+        mine = [
+            {"model": name, **{k: r[k] for k in ("name", "kind", "alias")}, "share": r["lie_share"]}
+            for r in join.ranked_rows()
+        ]
         a_ = np.array([r["alias"] for r in mine])
         s_ = np.array([r["share"] for r in mine])
-        rho = stats.spearmanr(a_, s_)
         lo, hi = bootstrap_spearman(a_, s_)
         per_model[name] = {
             "ops": len(mine),
-            "spearman_rho": float(rho.statistic),
-            "p_value": float(rho.pvalue),
+            "spearman_rho": join.spearman_rho,
+            "p_value": join.p_value,
             "ci95": [lo, hi],
             "completeness_error": dec.completeness_error,
         }
         for r, ra, rs in zip(mine, stats.rankdata(a_), stats.rankdata(s_), strict=True):
             r["alias_rank"], r["share_rank"] = float(ra / len(mine)), float(rs / len(mine))  # for pooling
         rows += mine
-        clock(f"{name}: {len(mine)} ops, rho {rho.statistic:.2f} [{lo:.2f}, {hi:.2f}]")
+        clock(f"{name}: {len(mine)} ops, rho {join.spearman_rho:.2f} [{lo:.2f}, {hi:.2f}]")
         del model, x
     rows_to_csv(rows, out / "alias_vs_lie.csv")
     ar = np.array([r["alias_rank"] for r in rows])

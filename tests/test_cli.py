@@ -204,6 +204,7 @@ def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Pat
 
 FIGURES = ("transforms", "attribution", "spectral", "alias_vs_attribution", "where_translate_x")
 FIGURES += ("where_rotate",)  # one where-in-the-image figure per layer transform
+FIGURES += ("lie_distribution",)
 
 
 def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:

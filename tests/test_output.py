@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_cli import LEAN, PROVENANCE, TINY, _photos
 
-from aliasscope import cli, output
+from aliasscope import cli, figures, output
 from aliasscope.models import load_model, weights_source
 from aliasscope.output import (
     MANIFEST,
@@ -300,7 +300,7 @@ def test_the_final_line_names_the_report_and_the_figures(tmp_path: Path, capsys)
     assert cli.main(_argv(tmp_path, *extra, quiet=False)) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     written = _snapshot(tmp_path / "out")
-    figures = ["figures/transforms.png", "figures/transforms.svg"]
+    figures = [f"figures/{k}.{s}" for k in ("transforms", "lie_distribution") for s in ("png", "svg")]
     assert sorted(written) == sorted(
         [MANIFEST, *figures, "metrics.csv", "per_image.csv", "report.html", "summary.json"]
     )
@@ -354,13 +354,13 @@ def test_ctrl_c_mid_run_exits_130_and_leaves_the_folder_as_it_was(
     capsys.readouterr()
     seen = []
 
-    def interrupted(args, model, images, folder, rows, decs):
-        seen.append(sorted(_snapshot(folder.path)))  # the run had written into its partial folder
+    def interrupted(diagnosis, folder, progress=True):
+        seen.append(sorted(_snapshot(folder.parent)))  # the run had written into its partial folder
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_layerwise", interrupted)
-    assert cli.main(_argv(tmp_path, "--layerwise", "--no-spectral", "--no-report")) == 130
-    assert seen == [["metrics.csv", "per_image.csv"]]
+    monkeypatch.setattr(figures, "draw_figures", interrupted)
+    assert cli.main(_argv(tmp_path, "--layerwise", "--no-spectral", "--report")) == 130
+    assert seen == [["layers.csv", "metrics.csv", "per_image.csv"]]
     captured = capsys.readouterr()
     if earlier:
         expected = (

@@ -449,6 +449,11 @@ def test_figures_have_no_tiny_text_and_no_overlapping_labels(tmp_path: Path) -> 
                 torch.tensor([[1e-2, 1e-3], [3e-2, 2e-3]]), ["rotate", "brightness"], "central", "softmax"
             )
         ),
+        "lie_distribution": plots.plot_lie_distribution(
+            EquivarianceMetrics(
+                torch.rand(9, 3).double() + 1e-3, ["rotate", "scale", "shear_x"], "central", ""
+            )
+        ),
     }
     # 2 images: the BCa interval stays inside the values (a t-interval went below 0): nothing to mark
     assert figs["transforms"].axes[0].get_legend() is None
@@ -486,7 +491,7 @@ FLAGS = [
     "--disable-sync",
 ]
 FIGURES = ("transforms", "attribution", "where_translate_x", "where_rotate", "spectral", "convergence")
-FIGURES += ("alias_vs_attribution",)
+FIGURES += ("alias_vs_attribution", "lie_distribution")
 
 
 @pytest.fixture(scope="module")

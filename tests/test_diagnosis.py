@@ -1,0 +1,153 @@
+"""The library call behind ``aliasscope diagnose`` and the figure registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images, smooth_cnn
+from PIL import Image
+from scipy import stats
+
+import aliasscope as asc
+from aliasscope import figures
+from aliasscope.cli import main
+from aliasscope.diagnosis import Diagnosis, alias_join
+from aliasscope.figures import Figure, figure_keys, register_figure, report_keys
+from aliasscope.results import to_json_text
+
+TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
+
+
+def _photos(folder: Path, n: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def _strict(d: dict) -> dict:
+    """As summary.json holds it: strict JSON (NaN as null), without provenance and timings."""
+    d = json.loads(to_json_text(d))
+    d.pop("provenance", None)
+    d.pop("seconds", None)
+    return d
+
+
+def test_library_call_equals_the_cli_summary(tmp_path: Path) -> None:
+    imgs = _photos(tmp_path / "imgs")
+    out = tmp_path / "out"
+    extra = ["--layer-transforms", "translate_x", "--upsample", "2", "--spectral-images", "1", "--no-report"]
+    assert main(["diagnose", *TINY, "--images", str(imgs), "--out", str(out), *extra]) == 0
+    written = json.loads((out / "summary.json").read_text())
+
+    torch.manual_seed(0)  # as the CLI: --seed 0 before loading
+    model, preprocess = asc.load_model("test_efficientnet", pretrained=False)
+    batch = asc.load_images(str(imgs), preprocess)
+    result = asc.diagnose(
+        model,
+        batch,
+        transforms=["translate_x", "rotate"],
+        layer_transforms=["translate_x"],
+        upsample=2,
+        spectral_images=1,
+        progress=False,
+        preprocess=preprocess,
+        settings={"model": "test_efficientnet", "pretrained": False, "images": str(imgs), "seed": 0},
+    )
+    assert isinstance(result, Diagnosis)
+    assert _strict(result.to_dict()) == _strict(written)
+    assert list(result.to_dict()) == [k for k in written if k != "provenance"]
+    text = str(result)
+    assert "translate_x" in text and "spectral convergence" in text and text == result.summary()
+    assert result.checks["passed"] and set(result.timings) >= {"metrics", "layerwise", "spectral", "total"}
+
+
+def test_the_join_rank_correlation_is_scipys_on_the_same_pairs() -> None:
+    model = smooth_cnn()
+    x = random_images(3, h=16, w=16)
+    result = asc.diagnose(
+        model, x, transforms=["rotate"], layer_transforms=["translate_x", "rotate"], upsample=2,
+        spectral_images=2, convergence=(), progress=False,
+    )  # fmt: skip
+    join = result.join
+    assert join.ops >= 3 and join.ops == len(join.pairs) == len(join.ranked_rows())
+    res = stats.spearmanr([s for s, _ in join.pairs], [a for _, a in join.pairs])
+    assert join.spearman_rho == float(res.statistic) and join.p_value == float(res.pvalue)
+    # the pairs, from the decompositions and the spectrum directly
+    decs = result.decompositions
+    shares = {t: dict(zip(d.names, d.shares().tolist(), strict=True)) for t, d in decs.items()}
+    sp = result.spectrum
+    alias = torch.where(sp.alias_ratio.isnan(), sp.stride_alias, sp.alias_ratio).tolist()
+    expected = [
+        (sum(s[n] for s in shares.values()) / len(shares), a)
+        for n, a in zip(sp.names, alias, strict=True)
+        if a == a and a > 1e-9 and n in shares["rotate"]
+    ]
+    np.testing.assert_allclose(np.array(join.pairs), np.array(expected), rtol=1e-12)
+    again = alias_join(sp, result.decompositions)  # one implementation, deterministic
+    assert (again.pairs, again.spearman_rho, again.p_value) == (join.pairs, join.spearman_rho, join.p_value)
+    summary = result.to_dict()["spectral"]["join"]
+    assert summary == {"ops": join.ops, "spearman_rho": join.spearman_rho, "p_value": join.p_value}
+
+
+def test_a_tensor_without_files_or_layers() -> None:
+    result = asc.diagnose(
+        smooth_cnn(), random_images(2, h=16, w=16), transforms=["rotate"], layer_transforms=None,
+        spectral=False, progress=False,
+    )  # fmt: skip
+    d = result.to_dict()
+    assert "layerwise" not in d and "spectral" not in d and d["checks"]["passed"]
+    assert d["dtype"] == "float64" and d["device"] == "cpu" and d["num_images"] == 2
+    assert [k for k, _ in figure_keys(result)] == ["transforms", "lie_distribution"]
+
+
+@pytest.fixture
+def extra_figure():
+    """A figure registered for one test, and taken out again."""
+
+    def draw(d, path, key):
+        from aliasscope.plots import plot_transforms
+
+        return plot_transforms(d.metrics, path)
+
+    spec = register_figure(
+        Figure("extra_check", "An extra figure", lambda s, k: f"Extra over {s['num_images']} images.", draw,
+               order=12)
+    )  # fmt: skip
+    yield spec
+    del figures.FIGURES[spec.key]
+
+
+def test_one_registration_adds_a_figure_file_and_its_report_section(tmp_path: Path, extra_figure) -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_figure(extra_figure)
+    out = tmp_path / "out"
+    lean = ["--no-layerwise", "--no-spectral"]
+    assert main(["diagnose", *TINY, *lean, "--images", str(_photos(tmp_path / "i")), "--out", str(out)]) == 0
+    drawn = sorted(p.name for p in (out / "figures").iterdir())
+    keys = ["transforms", "extra_check", "lie_distribution"]  # registry order: 10, 12, 15
+    assert drawn == sorted(f"{k}{s}" for k in keys for s in (".png", ".svg"))
+    page = (out / "report.html").read_text()
+    at = [page.index(f"<h2>{figures.FIGURES[k].title}</h2>") for k in keys]
+    assert at == sorted(at) and "Extra over 2 images." in page
+    assert page.count("data:image/png;base64,") == len(keys)
+    assert report_keys({"layerwise": {"rotate": {}}})[:4] == [*keys, "attribution"][:4]
+
+
+def test_the_per_image_distribution_figure(tmp_path: Path) -> None:
+    values = torch.tensor([[1e-2, 1e-3], [3e-2, 2e-3], [2e-2, 5e-4]], dtype=torch.float64)
+    metrics = asc.EquivarianceMetrics(values, ["rotate", "scale"], "central", "softmax")
+    fig = asc.plots.plot_lie_distribution(metrics, tmp_path / "dist")
+    assert (tmp_path / "dist.png").stat().st_size > 1000 and (tmp_path / "dist.svg").exists()
+    ax = fig.axes[0]
+    points = [line for line in ax.lines if line.get_marker() == "o"]
+    assert len(points) == 2 and all(len(p.get_ydata()) == 3 for p in points)
+    assert sorted(points[1].get_ydata()) == sorted(values[:, 1].tolist())
+    spec = figures.FIGURES["lie_distribution"]
+    assert spec.title == "Lie derivative per image"
+    assert "3 images" in spec.caption({"num_images": 3}, spec.key)
