@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..forward_mode import jvp  # torch.func.jvp, without torch's first-use jit.script warnings
 from ..lie import finite_difference, lie_derivative
 from .settings import Settings
 
@@ -80,7 +81,7 @@ def self_checks(
         with torch.no_grad():
             y = net(x)
             f = head(y) if head is not None else y
-            _, lin = torch.func.jvp(att.pick, (f,), (whole.to(f.dtype),))  # dT/dF . L_X F
+            _, lin = jvp(att.pick, f, whole.to(f.dtype))  # dT/dF . L_X F
         return lin
 
     if not att.total_is_jvp:
