@@ -426,7 +426,12 @@ def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: Output
         for failure in failures:
             print(f"{red}  - {failure}{end}")
     elif summary.get("layerwise"):
-        print()
+        worst: dict[str, float] = {}
+        for part in summary["layerwise"].values():
+            for name, value in (part.get("checks") or {}).items():
+                worst[name] = max(worst.get(name, 0.0), value)
+        checked = ", ".join(f"{name} <= {value:.1e}" for name, value in worst.items())
+        print(f"\nself-checks passed ({checked})")
         for line in advice(summary):
             print(html.unescape(re.sub(r"</?(code|b)>", "", line)))
     if summary.get("spectral"):

@@ -295,3 +295,15 @@ def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, mon
     assert "SELF-CHECK FAILED" in printed and "fix --fix" not in printed
     page = (tmp_path / "o" / "report.html").read_text()
     assert "id='self-check-failed'" in page and "<h3>Top ops" not in page and "fix --fix" not in page
+
+
+def test_passed_self_checks_are_named_with_their_worst_values(tmp_path: Path, capsys) -> None:
+    imgs = _photos(tmp_path / "imgs", 2)
+    argv = ["diagnose", *[a for a in TINY if a != "--quiet"], "--images", str(imgs)]
+    argv += ["--out", str(tmp_path / "o"), "--layer-transforms", "translate_x", "rotate"]
+    argv += ["--no-spectral", "--no-report"]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("self-checks passed"))
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    worst = max(summary["layerwise"][t]["checks"]["total_vs_jvp"] for t in ("translate_x", "rotate"))
+    assert f"total_vs_jvp <= {worst:.1e}" in line and "completeness <= " in line
