@@ -20,10 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .results import rows_to_csv, save_text, to_json_text
+from .results import Result
 from .timing import best_time
 
-__all__ = ["compare", "Comparison", "shift_consistency", "fractional_shift_consistency", "fft_shift"]
+__all__ = [
+    "compare",
+    "Comparison",
+    "predict",
+    "top1",
+    "shift_consistency",
+    "fractional_shift_consistency",
+    "fft_shift",
+]
 
 
 def _crop(x: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
@@ -36,10 +44,16 @@ def _centre(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The top-1 class of each image (on the CPU), ``batch_size`` images per forward pass."""
     return torch.cat(
         [model(x[s : s + batch_size]).argmax(-1).cpu() for s in range(0, x.shape[0], batch_size)]
     )
+
+
+def top1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy: the fraction of ``predictions`` (:func:`predict`) equal to ``labels``."""
+    return (predictions == labels.cpu()).double().mean().item()
 
 
 def _crop_pairs(x: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +77,7 @@ def shift_consistency(
     a, b = _crop_pairs(images, size, seed)
     first = torch.stack([_crop(x, int(t), int(lft), size) for x, (t, lft) in zip(images, a, strict=True)])
     second = torch.stack([_crop(x, int(t), int(lft), size) for x, (t, lft) in zip(images, b, strict=True)])
-    return (_predict(model, first, batch_size) == _predict(model, second, batch_size)).double().mean().item()
+    return (predict(model, first, batch_size) == predict(model, second, batch_size)).double().mean().item()
 
 
 def fft_shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -89,7 +103,7 @@ def fractional_shift_consistency(
     d = torch.rand(images.shape[0], 2, generator=gen, dtype=torch.float64)
     moved = _centre(fft_shift(images, d[:, 0], d[:, 1]), size)
     still = _centre(images, size)
-    return (_predict(model, still, batch_size) == _predict(model, moved, batch_size)).double().mean().item()
+    return (predict(model, still, batch_size) == predict(model, moved, batch_size)).double().mean().item()
 
 
 def _forward_ms(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
@@ -108,9 +122,12 @@ def _pct(row: dict[str, Any], key: str) -> str:
 
 
 @dataclass
-class Comparison:
-    """One row of measures per model (:attr:`rows`), in the order the models were given; the per-kind
-    layer shares and alias energies in :attr:`by_kind`; the settings in :attr:`settings`."""
+class Comparison(Result):
+    """One row of measures per model (:attr:`rows`, also :attr:`table`), in the order the models were
+    given; the per-kind layer shares and alias energies in :attr:`by_kind`; the settings in
+    :attr:`settings`. :meth:`plot` draws :func:`aliasscope.plots.plot_comparison`."""
+
+    default_figure = "plot_comparison"
 
     rows: list[dict[str, Any]]
     by_kind: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -120,15 +137,14 @@ class Comparison:
     def names(self) -> list[str]:
         return [r["model"] for r in self.rows]
 
-    def to_csv(self, path: str | None = None) -> str:
-        """:attr:`rows` as CSV (written to ``path`` if given)."""
-        return rows_to_csv(self.rows, path)
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """:attr:`rows`: one row of measures per model."""
+        return self.rows
 
-    def to_json(self, path: str | None = None) -> str:
-        """Settings, rows and per-kind measures as JSON."""
-        return save_text(
-            to_json_text({"settings": self.settings, "rows": self.rows, "by_kind": self.by_kind}), path
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """Settings, rows and per-kind measures."""
+        return {"settings": self.settings, "rows": self.rows, "by_kind": self.by_kind}
 
     def summary(self) -> str:
         """A text table: accuracy, consistency, cost and Lie derivative per transform."""
@@ -144,15 +160,6 @@ class Comparison:
             )
             lines.append(f"{r['model'][:34]:<34} {pcts} {r['forward_ms']:7.2f} {lie}")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def plot(self, path: str | None = None):
-        """The before/after figure (:func:`aliasscope.plots.plot_comparison`)."""
-        from .plots import plot_comparison
-
-        return plot_comparison(self, path)
 
 
 def _crop_size(crop: int | None, images: torch.Tensor, model: nn.Module, input_size) -> int:
@@ -235,7 +242,7 @@ def compare(
     from .checks import check_int, check_labels, check_model, check_transforms, expected_input_size
     from .decomposition import decompose as _decompose
     from .lie import equivariance_metrics
-    from .spectral import spectral
+    from .spectral import alias_of, spectral
 
     if not models:
         raise ValueError("compare needs at least one model")
@@ -268,11 +275,9 @@ def compare(
         device = next(model.parameters()).device
         with borrowed(model):  # eval mode, given back as it came
             x = centre.to(device)
-            pred = _predict(model, x, batch_size)
+            pred = predict(model, x, batch_size)
             row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters())}
-            row["top1"] = (
-                (pred == labels.cpu()).double().mean().item() if labels is not None else float("nan")
-            )
+            row["top1"] = top1(pred, labels) if labels is not None else float("nan")
             reference = pred if reference is None else reference
             row["agreement"] = (pred == reference).double().mean().item()
             full = images.to(device)
@@ -307,8 +312,7 @@ def compare(
             sp = spectral(model, x[:spectral_images], upsample=upsample, batch_size=batch_size)
             spectra = sp.by_kind()
             for kind, r in spectra.items():
-                alias = r["alias_ratio"] if r["alias_ratio"] == r["alias_ratio"] else r["stride_alias"]
-                kinds.setdefault(kind, {})["alias"] = alias
+                kinds.setdefault(kind, {})["alias"] = alias_of(r)
             nonlin = spectra.get("nonlinearity", {}).get("alias_ratio", float("nan"))
             down = spectra.get("downsampling", {}).get("stride_alias", float("nan"))
             row["alias_nonlinearity"], row["alias_downsampling"] = nonlin, down

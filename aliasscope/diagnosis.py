@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .decomposition import Decomposition, decompose
 from .lie import EquivarianceMetrics, equivariance_metrics
-from .spectral import Spectrum
+from .spectral import Spectrum, alias_of
 from .spectral import spectral as _spectral_fn
 
 __all__ = ["Diagnosis", "Join", "alias_join", "diagnose", "parse_target", "versions"]
@@ -109,7 +109,7 @@ def alias_join(spectrum: Spectrum, decompositions: Mapping[str, Decomposition] |
     for r in spectrum.table:
         name = r["name"]
         share = sum(shares[name]) / len(shares[name]) if name in shares else float("nan")
-        alias = r["alias_ratio"] if _isnum(r["alias_ratio"]) else r["stride_alias"]
+        alias = alias_of(r)
         rows.append({**r, "alias": alias, "lie_share": share})
         if _ranked(alias, share):
             pairs.append((share, alias))
@@ -123,12 +123,12 @@ def alias_join(spectrum: Spectrum, decompositions: Mapping[str, Decomposition] |
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     from .borrow import borrowed
     from .checks import check_labels
-    from .compare import _predict
+    from .compare import predict, top1
 
     with borrowed(model), torch.no_grad():  # eval mode, given back as it came
         y = model(images[:1])
         labels = check_labels(labels, images.shape[0], y.shape[-1] if isinstance(y, torch.Tensor) else None)
-        return (_predict(model, images, batch_size) == labels).double().mean().item()
+        return top1(predict(model, images, batch_size), labels)
 
 
 def _predictions(

@@ -33,7 +33,7 @@ from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
 from .resample import resample
-from .results import rows_to_csv, save_text, to_json_text
+from .results import Result
 from .transforms import get_transform
 
 __all__ = [
@@ -230,12 +230,16 @@ def finite_difference(
 
 
 @dataclass
-class EquivarianceMetrics:
+class EquivarianceMetrics(Result):
     """Per-image, per-transform equivariance errors: the paper's end-to-end number.
 
     ``values[i, j]`` is the mean over output entries (classes) of ``|L_X softmax(F(x_i))|`` for
     transform ``transforms[j]``. Intervals are BCa bootstrap intervals of the mean over images.
+    :meth:`to_csv` writes the per-image values (:meth:`per_image`); :meth:`plot` draws
+    :func:`aliasscope.plots.plot_transforms`.
     """
+
+    default_figure = "plot_transforms"
 
     values: torch.Tensor
     transforms: list[str]
@@ -303,9 +307,6 @@ class EquivarianceMetrics:
             )
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
-
     def per_image(self) -> list[dict[str, Any]]:
         """One row per image (``image``, ``file``, one column per transform): the rows of :meth:`to_csv`."""
         return [
@@ -319,9 +320,9 @@ class EquivarianceMetrics:
             for i in range(self.num_images)
         ]
 
-    def to_csv(self, path: str | None = None) -> str:
-        """Per-image values (one column per transform) as CSV; also written to ``path`` if given."""
-        return rows_to_csv(self.per_image(), path)
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """The rows of :meth:`to_csv`: per-image values (:meth:`per_image`), not :attr:`table`."""
+        return self.per_image()
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, per-transform summary and per-image values as plain Python types."""
@@ -336,10 +337,6 @@ class EquivarianceMetrics:
             "files": list(self.files) if self.files else None,
             **self.extra,
         }
-
-    def to_json(self, path: str | None = None) -> str:
-        """:meth:`to_dict` as JSON (NaN written as null); also written to ``path`` if given."""
-        return save_text(to_json_text(self.to_dict()), path)
 
 
 @names_nonfinite_images

@@ -484,14 +484,6 @@ def plot_lie_distribution(metrics: EquivarianceMetrics, path: str | Path | None 
     return fig
 
 
-def _alias_of(spectrum: Spectrum):
-    import numpy as np
-
-    a = spectrum.alias_ratio.numpy()
-    st = spectrum.stride_alias.numpy()
-    return np.where(np.isnan(a), st, a)
-
-
 def _of_ops(count: int, num_ops: int | None, fallback: int) -> str:
     return f"{count} of {num_ops if num_ops is not None else fallback} ops"
 
@@ -516,7 +508,7 @@ def plot_spectral(
     import numpy as np
 
     plt = _pyplot()
-    alias = _alias_of(spectrum)
+    alias = spectrum.alias().numpy()
     # eval BatchNorm and other per-pixel affine ops measure ~1e-14 (rounding): not aliasing
     idx = np.flatnonzero(~np.isnan(alias) & (alias > 1e-9))
     centres, prof = spectrum.radial_spectra()

@@ -32,7 +32,7 @@ from torch import nn
 from .checks import check_finite_output, check_int, check_model, names_nonfinite_images, selected_ops
 from .kinds import is_pointwise_kind
 from .layouts import BCHW, Layout
-from .results import rows_to_csv, save_text, to_json_text
+from .results import Result
 
 if TYPE_CHECKING:
     from .capture import OpRecord
@@ -48,6 +48,7 @@ __all__ = [
     "pointwise_aliasing",
     "convergence",
     "stride_alias",
+    "alias_of",
     "spectral",
     "Spectrum",
 ]
@@ -267,6 +268,16 @@ def stride_alias(full: torch.Tensor, stride: int, layout: Layout = BCHW) -> floa
     return _outside(g, (h // stride, w // stride))
 
 
+def alias_of(row: Any) -> Any:
+    """An op's alias energy from a row of :attr:`Spectrum.table` (or :meth:`Spectrum.by_kind`): its
+    ``alias_ratio`` where measured (pointwise ops), else its ``stride_alias`` (grid-shrinking ops);
+    NaN where neither is. With tensors for the two entries, elementwise."""
+    a, s = row["alias_ratio"], row["stride_alias"]
+    if isinstance(a, torch.Tensor):
+        return torch.where(a.isnan(), s, a)
+    return a if a == a else s
+
+
 def stride_one(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, stride: int) -> torch.Tensor:
     """A stride-``s`` op on (B, C, H, W) grids evaluated at stride 1: for each of the ``s * s`` phases
     (dy, dx), the op applied to the input shifted by (dy, dx) (zeros shifted in at the far border)
@@ -294,7 +305,7 @@ _SINGLE_GRID = ("bchw", "bhwc", "tokens")
 
 
 @dataclass
-class Spectrum:
+class Spectrum(Result):
     """Per-op spectral measures, in the op order of :func:`aliasscope.capture.record`.
 
     ``alias_ratio`` and ``aliasing_error`` are measured for pointwise ops (nonlinearities, channel
@@ -307,7 +318,11 @@ class Spectrum:
     of the op's output) for every image-like op; NaN where not defined. Every measure is a ratio of
     energies pooled over all images. ``convergence`` maps further factors ``s`` to
     ``(alias_ratio, aliasing_error)`` at that ``s``, to check that ``upsample`` is large enough.
+    :meth:`alias` is each op's alias energy (:func:`alias_of`); :meth:`plot` draws
+    :func:`aliasscope.plots.plot_spectral`.
     """
+
+    default_figure = "plot_spectral"
 
     names: list[str]
     kinds: list[str]
@@ -373,19 +388,40 @@ class Spectrum:
             )
         return out
 
-    def to_csv(self, path: str | None = None) -> str:
-        """:attr:`table` as CSV (written to ``path`` if given)."""
-        return rows_to_csv(self.table, path)
+    def alias(self) -> torch.Tensor:
+        """Per op, its alias energy (:func:`alias_of`): the alias ratio, else the stride alias."""
+        return alias_of({"alias_ratio": self.alias_ratio, "stride_alias": self.stride_alias})
 
-    def to_json(self, path: str | None = None) -> str:
-        """Settings, per-kind means, convergence and per-op rows as JSON (NaN as null)."""
-        data = {
+    def to_dict(self) -> dict[str, Any]:
+        """Settings, per-kind means, convergence and per-op rows."""
+        return {
             "upsample": self.upsample,
             "by_kind": self.by_kind(),
             "convergence": self.convergence_summary(),
             "ops": self.table,
         }
-        return save_text(to_json_text(data), path)
+
+    def summary(self, k: int = 5) -> str:
+        """A text summary: ops measured, alias energy by kind, the ``k`` ops with the most alias
+        energy, and the convergence verdict (:func:`aliasscope.report.convergence_verdict`)."""
+        from .report import convergence_verdict
+
+        alias = self.alias()
+        measured = int((~alias.isnan()).sum())
+        lines = [
+            f"Spectral aliasing (upsample {self.upsample}): {measured} of {len(self.names)} ops measured",
+            "alias energy by kind (mean over ops):",
+        ]
+        for kind, row in self.by_kind().items():
+            value = alias_of(row)
+            if value == value:
+                lines.append(f"  {kind:<15} {value:.3e}  ({row['ops']} ops)")
+        rows = [r for r in self.table if alias_of(r) == alias_of(r)]
+        lines.append(f"top {k} ops by alias energy:")
+        for r in sorted(rows, key=lambda r: -alias_of(r))[:k]:
+            lines.append(f"  {alias_of(r):.3e}  {r['kind']:<13} {r['name']}")
+        lines.append(f"convergence: {convergence_verdict(self.convergence_summary())[1]}")
+        return "\n".join(lines)
 
 
 def _grid_op(op: OpRecord) -> Callable[[torch.Tensor, slice], torch.Tensor]:

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from aliasscope import Decomposition, decompose, load_images, load_model
-from aliasscope.compare import _predict
 from aliasscope.models import MissingWeightsError
 
 PRETRAINED = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "mobilenetv2_100"]
@@ -126,12 +125,6 @@ def begin(args: argparse.Namespace) -> tuple[Clock, Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return Clock(), out
-
-
-def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    """Top-1 accuracy, ``batch_size`` images per forward pass."""
-    with torch.no_grad():
-        return (_predict(model, images, batch_size) == labels).double().mean().item()
 
 
 class Clock:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import PRETRAINED, analysis_parser, begin, each_model, top1
+from common import PRETRAINED, analysis_parser, begin, each_model
 from scipy import stats
 
 from aliasscope import equivariance_metrics
+from aliasscope.compare import predict, top1
 from aliasscope.data import ImageBatch
 from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv
@@ -36,7 +37,7 @@ def main() -> None:
     for name, model, x, labels, pre in each_model(
         PRETRAINED, args.images, args.num_images, device=args.device
     ):
-        acc = top1(model, x, labels, args.batch_size)
+        acc = top1(predict(model, x, args.batch_size), labels)
         files = [str(i) for i in range(len(x))]
         metrics = equivariance_metrics(
             model, ImageBatch(x, labels, files), None, batch_size=args.batch_size, progress=False

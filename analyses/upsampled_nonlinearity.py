@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 import torch
-from common import analysis_parser, attribute, begin, model_and_images, top1
+from common import analysis_parser, attribute, begin, model_and_images
 
 from aliasscope import equivariance_metrics, filtered_activation, spectral
+from aliasscope.compare import predict, top1
 from aliasscope.data import ImageBatch
 from aliasscope.plots import KIND_COLOURS, save_figure
 from aliasscope.results import rows_to_csv
@@ -52,7 +53,7 @@ def main() -> None:
         _free(args.device)
         row = {
             "factor": s,
-            "top1": top1(net, x, labels, args.batch_size),
+            "top1": top1(predict(net, x, args.batch_size), labels),
             "alias_nonlinearity": alias,
             "alias_measured_at": measure,
         }

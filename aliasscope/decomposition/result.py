@@ -18,13 +18,13 @@ import torch
 from ..capture import KINDS, Recording
 from ..checks import selected_ops
 from ..layouts import Layout, window_grid
-from ..results import rows_to_csv, save_text, to_json_text
+from ..results import Result
 from .self_checks import CHECKS, FD_TOLERANCE
 from .settings import Settings
 
 
 @dataclass
-class Decomposition:
+class Decomposition(Result):
     """Per-op contributions to the Lie derivative of a scalar target, with a completeness check.
 
     Attributes
@@ -43,7 +43,11 @@ class Decomposition:
     maps:
         With ``keep_maps=True``: per op, the elementwise product ``dT/dh_out * v_i`` (shaped like the
         op's output), whose sum over non-batch dims is its value.
+
+    :meth:`plot` draws :func:`aliasscope.plots.plot_layer_attribution`.
     """
+
+    default_figure = "plot_layer_attribution"
 
     names: list[str]
     kinds: list[str]
@@ -167,9 +171,6 @@ class Decomposition:
             lines.append(f"  {100 * r['share']:6.2f}%  {r['mean']:+.3e}  {r['kind']:<13} {r['name']}")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
-
     @staticmethod
     def concat(parts: Sequence[Decomposition]) -> Decomposition:
         """Join decompositions of the same model and settings over several image batches."""
@@ -203,10 +204,6 @@ class Decomposition:
             tolerance=first.tolerance,
         )
 
-    def to_csv(self, path: str | None = None) -> str:
-        """:attr:`table` as CSV (written to ``path`` if given)."""
-        return rows_to_csv(self.table, path)
-
     def to_dict(self) -> dict[str, Any]:
         """Settings, checks, shares by kind and per-op rows as plain Python types."""
         return {
@@ -226,10 +223,6 @@ class Decomposition:
             "ops": self.table,
             **self.extra,
         }
-
-    def to_json(self, path: str | None = None) -> str:
-        """:meth:`to_dict` as JSON (NaN written as null; written to ``path`` if given)."""
-        return save_text(to_json_text(self.to_dict()), path)
 
 
 def _worst(values: Sequence[float]) -> float:
