@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .decomposition import Decomposition, decompose
 from .lie import EquivarianceMetrics, equivariance_metrics
+from .results import Result
 from .spectral import Spectrum, alias_of
 from .spectral import spectral as _spectral_fn
 
@@ -159,7 +160,7 @@ def _checks(decs: Mapping[str, Decomposition]) -> dict[str, Any]:
 
 
 @dataclass
-class Diagnosis:
+class Diagnosis(Result):
     """Everything ``aliasscope diagnose`` measures, as returned by :func:`diagnose`.
 
     ``metrics``: the end-to-end :class:`~aliasscope.lie.EquivarianceMetrics`; ``decompositions``: per
@@ -171,7 +172,13 @@ class Diagnosis:
     generator, ...); ``versions``. ``model``, ``images`` (on the measuring device), ``files`` and
     ``preprocess`` are kept for the figures. ``where`` is filled in by the where-in-the-image figures
     when they are drawn (which images they show) and then appears in :meth:`to_dict`.
+
+    As a :class:`~aliasscope.results.Result`: :attr:`table` is :meth:`per_image_rows` (per_image.csv),
+    :meth:`to_json` is summary.json without its provenance, :meth:`plot` the metrics' figure
+    (:func:`aliasscope.plots.plot_transforms`; the CLI's other figures: :mod:`aliasscope.figures`).
     """
+
+    default_figure = "plot_transforms"
 
     metrics: EquivarianceMetrics
     decompositions: dict[str, Decomposition]
@@ -206,6 +213,15 @@ class Diagnosis:
     def spectral_rows(self) -> list[dict[str, Any]] | None:
         """spectral.csv: the join's rows (None without spectral)."""
         return None if self.join is None else self.join.rows
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """:meth:`per_image_rows`: predictions and each transform's value, per image."""
+        return self.per_image_rows()
+
+    def plot(self, path: str | None = None) -> Any:
+        """The end-to-end figure of :attr:`metrics` (:func:`aliasscope.plots.plot_transforms`)."""
+        return self.metrics.plot(path)
 
     def per_image_rows(self) -> list[dict[str, Any]]:
         """per_image.csv: predictions and each transform's value, per image."""
@@ -287,9 +303,6 @@ class Diagnosis:
         if d.get("spectral"):
             lines.append(f"spectral convergence: {convergence_verdict(d['spectral'].get('convergence'))[1]}")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
 
 
 def _describe_images(images: Any) -> str:

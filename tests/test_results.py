@@ -19,6 +19,7 @@ from torch import nn
 import aliasscope as asc
 from aliasscope.compare import Comparison, compare, predict, top1
 from aliasscope.decomposition import Decomposition
+from aliasscope.diagnosis import Diagnosis
 from aliasscope.lie import EquivarianceMetrics
 from aliasscope.report import convergence_verdict
 from aliasscope.results import Result
@@ -42,6 +43,7 @@ def results() -> dict[str, Result]:
         "metrics": asc.equivariance_metrics(model, x, ["translate_x", "rotate"], progress=False),
         "decomposition": asc.decompose(model, x, "translate_x"),
         "spectrum": asc.spectral(conv, images[:2], upsample=2, convergence=(3,)),
+        "diagnosis": asc.diagnose(model, x, transforms=["translate_x"], layer_transforms=["translate_x"]),
         "comparison": compare(
             models,
             images,
@@ -71,12 +73,14 @@ def _json_plain(o: Any) -> Any:
 
 
 def test_every_result_class_is_a_result() -> None:
-    for cls in (EquivarianceMetrics, Decomposition, Spectrum, Comparison):
+    for cls in (EquivarianceMetrics, Decomposition, Spectrum, Comparison, Diagnosis):
         assert issubclass(cls, Result)
-        assert cls.__str__ is Result.__str__ and cls.to_json is Result.to_json and cls.plot is Result.plot
+        assert cls.__str__ is Result.__str__ and cls.to_json is Result.to_json and cls.to_csv is Result.to_csv
+    for cls in (EquivarianceMetrics, Decomposition, Spectrum, Comparison):
+        assert cls.plot is Result.plot
 
 
-@pytest.mark.parametrize("name", ["metrics", "decomposition", "spectrum", "comparison"])
+@pytest.mark.parametrize("name", ["metrics", "decomposition", "spectrum", "comparison", "diagnosis"])
 def test_result_writes_and_draws(name: str, results: dict[str, Result], tmp_path: Path) -> None:
     r = results[name]
     assert isinstance(r, Result)
