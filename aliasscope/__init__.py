@@ -6,7 +6,7 @@ The method is the Lie derivative of a network (Gruver, Finzi, Goldblum, Wilson, 
 Pipeline, one module each: :mod:`~aliasscope.transforms` (the groups) -> :mod:`~aliasscope.generators`
 (their derivatives on a pixel grid) -> :mod:`~aliasscope.lie` (end-to-end Lie derivatives and metrics)
 -> :mod:`~aliasscope.capture` (every op, its kind and layout) -> :mod:`~aliasscope.decomposition` (exact
-per-op attribution with a completeness check) / :mod:`~aliasscope.spectral` (aliasing energy per op),
+per-op attribution with a completeness check) / :mod:`~aliasscope.spectrum` (aliasing energy per op),
 with :mod:`~aliasscope.models` / :mod:`~aliasscope.data` to load real models and photos; the op kinds
 are one registry, :mod:`~aliasscope.kinds`. :func:`~aliasscope.diagnosis.diagnose` runs all of it (what
 ``aliasscope diagnose`` does) and returns a :class:`~aliasscope.diagnosis.Diagnosis`; the report's
@@ -26,7 +26,7 @@ Quick start::
 __version__ = "0.1.0"
 
 from .capture import KINDS, OpRecord, Recording, record
-from .compare import Comparison, compare
+from .comparison import Comparison, compare
 from .data import ImageBatch, load_images
 from .decomposition import Decomposition, decompose
 from .diagnosis import Diagnosis, diagnose
@@ -47,8 +47,8 @@ from .plots import (
     plot_where,
 )
 from .report import render_report, write_report
-from .resample import resample
-from .spectral import Spectrum, spectral
+from .resampling import resample
+from .spectrum import Spectrum, spectral
 from .transforms import TRANSFORMS, Transform, get_transform, transform_names
 
 __all__ = [

@@ -22,7 +22,7 @@ from torch import nn
 
 from .checks import check_int
 from .layouts import BCHW, Layout
-from .spectral import downsample, upsample
+from .spectrum import downsample, upsample
 
 __all__ = [
     "FilteredActivation",
@@ -80,8 +80,8 @@ def _extend(x: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
 class FilteredActivation(nn.Module):
     """``down(act(up(x)))`` with band-limited resampling by ``up`` around a pointwise ``act``.
 
-    ``filter="ideal"``: FFT zero-padding and truncation (:func:`aliasscope.spectral.upsample` /
-    :func:`~aliasscope.spectral.downsample`), which treat the grid as periodic. ``filter="kaiser"``:
+    ``filter="ideal"``: FFT zero-padding and truncation (:func:`aliasscope.spectrum.upsample` /
+    :func:`~aliasscope.spectrum.downsample`), which treat the grid as periodic. ``filter="kaiser"``:
     separable Kaiser-windowed sinc filters (:func:`kaiser_lowpass`) with the borders extended by
     ``pad_mode`` ("replicate", "reflect" or "circular"; :func:`~aliasscope.fixes.circular_padding`
     switches it to "circular"). Prefix tokens of a token layout go through

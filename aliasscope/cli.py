@@ -238,7 +238,7 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
     """The work of ``aliasscope fix`` into the open output folder; returns comparison.json's text."""
     from dataclasses import replace
 
-    from .compare import compare
+    from .comparison import compare
     from .data import load_images
     from .fixes import apply_fixes, changes
     from .plots import plot_comparison

@@ -22,8 +22,8 @@ from . import __version__
 from .decomposition import Decomposition, decompose
 from .lie import EquivarianceMetrics, equivariance_metrics
 from .results import Result
-from .spectral import Spectrum, alias_of
-from .spectral import spectral as _spectral_fn
+from .spectrum import Spectrum, alias_of
+from .spectrum import spectral as _spectral_fn
 
 __all__ = ["Diagnosis", "Join", "alias_join", "diagnose", "parse_target", "versions"]
 
@@ -124,7 +124,7 @@ def alias_join(spectrum: Spectrum, decompositions: Mapping[str, Decomposition] |
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     from .borrow import borrowed
     from .checks import check_labels
-    from .compare import predict, top1
+    from .comparison import predict, top1
 
     with borrowed(model), torch.no_grad():  # eval mode, given back as it came
         y = model(images[:1])

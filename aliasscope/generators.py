@@ -44,7 +44,7 @@ import torch
 
 from .forward_mode import jvp
 from .layouts import BCHW, Layout, map_spatial
-from .resample import bilinear_reflect, paper_coordinates, pixel_centres
+from .resampling import bilinear_reflect, paper_coordinates, pixel_centres
 from .transforms import Transform, get_transform
 
 __all__ = ["GENERATORS", "apply_generator", "get_generator", "generator_names"]

@@ -72,7 +72,7 @@ class Kind:
         (its local Lie derivative is 0 by construction: pure data movement).
     pointwise:
         Whether an op of this kind acts position by position, so that the spectral measure evaluates
-        it on an upsampled grid (:mod:`aliasscope.spectral`).
+        it on an upsampled grid (:mod:`aliasscope.spectrum`).
     functions:
         Torch function names (:func:`aliasscope.layout_rules.func_name`) that mean this kind: for the
         inner calls of a module recorded whole, and for direct calls except those capture reads from

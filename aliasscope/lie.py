@@ -32,7 +32,7 @@ from .checks import (
 from .forward_mode import jvp
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
-from .resample import resample
+from .resampling import resample
 from .results import Result
 from .transforms import get_transform
 
@@ -196,7 +196,7 @@ def finite_difference(
     """Estimate the same derivative as :func:`lie_derivative` by really resampling at ``+-eps``.
 
     ``D(eps) = (G(eps) - G(-eps)) / (2 eps)`` with ``G(t) = rho(-t) F(rho(t) x)``, where rho is the
-    resampler whose derivative ``generator`` is (:func:`aliasscope.resample.resample`). The bilinear
+    resampler whose derivative ``generator`` is (:func:`aliasscope.resampling.resample`). The bilinear
     resampler moves a pixel by ``eps`` times its *forward* difference for ``t > 0`` and its backward
     difference for ``t < 0``, so through a nonlinear model ``D(eps) = L + c eps + O(eps^2)``.
     ``extrapolate`` (default: on in float64) removes the ``c eps`` term by Richardson extrapolation,

@@ -11,7 +11,7 @@ and, given ``path``, writes ``path.png`` and ``path.svg``:
 - :func:`plot_convergence`: the alias ratio at every upsampling factor measured, with a verdict;
 - :func:`plot_alias_vs_attribution`: alias energy vs Lie-derivative share, one point per op;
 - :func:`plot_where`: where in the image the top ops' contributions sit, over the photos;
-- :func:`plot_comparison`: before/after of :func:`aliasscope.compare.compare`.
+- :func:`plot_comparison`: before/after of :func:`aliasscope.comparison.compare`.
 
 Ops are coloured by kind (:data:`KIND_COLOURS`, from :mod:`aliasscope.kinds`); a by-kind panel shows
 every kind its results hold, registered ones in registry order.
@@ -36,10 +36,10 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
-    from .compare import Comparison
+    from .comparison import Comparison
     from .decomposition import Decomposition
     from .lie import EquivarianceMetrics
-    from .spectral import Spectrum
+    from .spectrum import Spectrum
 
 __all__ = [
     "FIGURE_WIDTH",

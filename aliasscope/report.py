@@ -146,7 +146,7 @@ def convergence_verdict(
     convergence: dict[str, float] | None, tolerance: float = CONVERGENCE_TOLERANCE
 ) -> tuple[bool | None, str]:
     """A plain verdict on the spectral measure's convergence in the upsampling factor, from
-    ``summary["spectral"]["convergence"]`` (:meth:`aliasscope.spectral.Spectrum.convergence_summary`):
+    ``summary["spectral"]["convergence"]`` (:meth:`aliasscope.spectrum.Spectrum.convergence_summary`):
     ``(True, "converged: ...")``, ``(False, "NOT converged: ... raise --upsample ...")``, or
     ``(None, ...)`` when it was not checked. With a factor above ``--upsample`` measured, that
     comparison decides (it tests the factor used); otherwise the largest factor below it."""

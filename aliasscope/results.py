@@ -68,8 +68,8 @@ def rows_to_csv(
 
 class Result(ABC):
     """The base of every result (:class:`~aliasscope.lie.EquivarianceMetrics`,
-    :class:`~aliasscope.decomposition.Decomposition`, :class:`~aliasscope.spectral.Spectrum`,
-    :class:`~aliasscope.compare.Comparison`).
+    :class:`~aliasscope.decomposition.Decomposition`, :class:`~aliasscope.spectrum.Spectrum`,
+    :class:`~aliasscope.comparison.Comparison`).
 
     A subclass implements :attr:`table` (one dict per row), :meth:`to_dict` (plain Python types) and
     :meth:`summary` (text), and names its default figure in :attr:`default_figure` (a function of

@@ -1,4 +1,4 @@
-"""Wall-clock timing that covers queued GPU work (used by :func:`aliasscope.compare.compare` and the
+"""Wall-clock timing that covers queued GPU work (used by :func:`aliasscope.comparison.compare` and the
 benchmarks)."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Lie derivative, pooled over pretrained models, as a rank correlation with a boot
 
 For each pretrained model (lite0/1/2, mobilenetv2_100 when installed): the exact layer attribution of
 the predicted class's probability under translate_x (``--layer-images`` images) and, per op, its alias
-energy (``aliasscope.spectral`` at 4x: alias ratio of pointwise ops, stride alias of strided ops, on
+energy (``aliasscope.spectrum`` at 4x: alias ratio of pointwise ops, stride alias of strided ops, on
 ``--spectral-images`` images), joined by ``aliasscope.diagnosis.alias_join`` (the join ``aliasscope
 diagnose`` reports). Ops whose alias is rounding (< 1e-9: eval BatchNorm) are left out. The
 Spearman correlation is reported per model and pooled (ranks within each model, so that models of

@@ -24,7 +24,7 @@ from common import analysis_parser, attribute, begin, each_model
 from scipy import stats
 
 from aliasscope.plots import KIND_COLOURS, save_figure
-from aliasscope.resample import paper_coordinates
+from aliasscope.resampling import paper_coordinates
 from aliasscope.results import rows_to_csv
 from aliasscope.transforms import get_transform
 

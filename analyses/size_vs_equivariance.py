@@ -20,7 +20,7 @@ from common import PRETRAINED, analysis_parser, begin, each_model
 from scipy import stats
 
 from aliasscope import equivariance_metrics
-from aliasscope.compare import predict, top1
+from aliasscope.comparison import predict, top1
 from aliasscope.data import ImageBatch
 from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv

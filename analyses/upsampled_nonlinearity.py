@@ -8,7 +8,7 @@ For each factor: top-1 on ``--num-images`` ImageNet sample images; the end-to-en
 (mean |L_X softmax|) for translate_x, rotate and scale; the exact layer attribution under translate_x on
 ``--layer-images`` images, reported as the summed mean |contribution| of the nonlinearity ops and of
 the other kinds (absolute, so that the factors compare); and the alias ratio of the nonlinearities
-(aliasscope.spectral, the energy their outputs put above the native band: for the wrapped ones,
+(aliasscope.spectrum, the energy their outputs put above the native band: for the wrapped ones,
 measured on the grid they run on). Writes upsampled_nonlinearity.csv/json and a figure.
 """
 
@@ -21,7 +21,7 @@ import torch
 from common import analysis_parser, attribute, begin, model_and_images
 
 from aliasscope import equivariance_metrics, filtered_activation, spectral
-from aliasscope.compare import predict, top1
+from aliasscope.comparison import predict, top1
 from aliasscope.data import ImageBatch
 from aliasscope.plots import KIND_COLOURS, save_figure
 from aliasscope.results import rows_to_csv

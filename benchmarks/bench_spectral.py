@@ -13,7 +13,7 @@ import argparse
 import torch
 from timing import best_time, model_and_images, model_arguments
 
-from aliasscope.spectral import spectral
+from aliasscope.spectrum import spectral
 
 
 def main() -> None:

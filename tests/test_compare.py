@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from aliasscope.compare import compare, fft_shift, fractional_shift_consistency, shift_consistency
+from aliasscope.comparison import compare, fft_shift, fractional_shift_consistency, shift_consistency
 
 
 class MeanColour(nn.Module):

@@ -16,7 +16,7 @@ from aliasscope.capture import record
 from aliasscope.decomposition import decompose, local_lie_derivative
 from aliasscope.generators import apply_generator
 from aliasscope.lie import lie_derivative
-from aliasscope.resample import resample
+from aliasscope.resampling import resample
 
 # the model list, at sizes CI can afford (random init; heads re-initialised where timm zeroes them)
 FAMILIES = {

@@ -13,7 +13,7 @@ from torch import nn
 
 from aliasscope.antialias import FilteredActivation, PolyphaseDown, kaiser_lowpass
 from aliasscope.fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
-from aliasscope.spectral import spectral, upsample
+from aliasscope.spectrum import spectral, upsample
 
 
 def _resnet18(dtype: torch.dtype = torch.float32) -> nn.Module:

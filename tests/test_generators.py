@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from aliasscope.generators import apply_generator, get_generator
 from aliasscope.layouts import BCHW, BHWC, INVARIANT, Layout
-from aliasscope.resample import paper_coordinates, resample
+from aliasscope.resampling import paper_coordinates, resample
 from aliasscope.transforms import SPATIAL_TRANSFORMS, TRANSFORMS, get_transform
 
 

@@ -16,7 +16,7 @@ from inplace_catalogue import PATTERNS, PatternNet
 from aliasscope.capture import record
 from aliasscope.decomposition import decompose
 from aliasscope.lie import finite_difference, lie_derivative
-from aliasscope.spectral import spectral
+from aliasscope.spectrum import spectral
 
 TOL = 1e-6
 

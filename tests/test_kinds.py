@@ -17,7 +17,7 @@ from torch import nn
 import aliasscope
 from aliasscope import capture, kinds, plots, report
 from aliasscope.capture import record
-from aliasscope.compare import Comparison
+from aliasscope.comparison import Comparison
 from aliasscope.decomposition import decompose
 from aliasscope.fixes import FIXES
 from aliasscope.kinds import Fix, Kind, get_kind, register_kind, unregister_kind

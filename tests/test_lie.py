@@ -16,7 +16,7 @@ from torch import nn
 from aliasscope.forward_mode import _sdpa_math, jvp
 from aliasscope.layouts import Layout
 from aliasscope.lie import equivariance_metrics, finite_difference, lie_derivative
-from aliasscope.resample import resample
+from aliasscope.resampling import resample
 from aliasscope.transforms import SPATIAL_TRANSFORMS, TRANSFORMS
 
 

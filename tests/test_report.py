@@ -38,7 +38,7 @@ from aliasscope.report import (
     per_image_rows,
     render_report,
 )
-from aliasscope.spectral import Spectrum, spectral
+from aliasscope.spectrum import Spectrum, spectral
 
 matplotlib.use("Agg")
 

@@ -17,13 +17,13 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import aliasscope as asc
-from aliasscope.compare import Comparison, compare, predict, top1
+from aliasscope.comparison import Comparison, compare, predict, top1
 from aliasscope.decomposition import Decomposition
 from aliasscope.diagnosis import Diagnosis
 from aliasscope.lie import EquivarianceMetrics
 from aliasscope.report import convergence_verdict
 from aliasscope.results import Result
-from aliasscope.spectral import Spectrum, alias_of
+from aliasscope.spectrum import Spectrum, alias_of
 
 
 def _conv() -> nn.Module:

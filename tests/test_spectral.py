@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import random_images
 
-from aliasscope.spectral import (
+from aliasscope.spectrum import (
     alias_ratio,
     aliasing_error,
     convergence,
@@ -140,7 +140,7 @@ def test_spectral_measures_every_op_of_a_model(tmp_path) -> None:
 
     from torch import nn
 
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(6)
@@ -179,7 +179,7 @@ def test_spectral_measures_every_op_of_a_model(tmp_path) -> None:
 def test_spectral_on_a_vit_measures_token_ops() -> None:
     import timm
 
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
     sp = spectral(model, torch.randn(2, 3, 32, 32), upsample=2)
@@ -189,7 +189,7 @@ def test_spectral_on_a_vit_measures_token_ops() -> None:
 
 
 def test_pointwise_aliasing_agrees_with_the_separate_measures() -> None:
-    from aliasscope.spectral import pointwise_aliasing
+    from aliasscope.spectrum import pointwise_aliasing
 
     h = random_images(2, 3, 16, 16)
     ratio, error = pointwise_aliasing(torch.nn.functional.gelu, h, 4)
@@ -199,7 +199,7 @@ def test_pointwise_aliasing_agrees_with_the_separate_measures() -> None:
 
 
 def test_stride_one_slides_the_strided_kernel_with_stride_one() -> None:
-    from aliasscope.spectral import stride_one
+    from aliasscope.spectrum import stride_one
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -237,7 +237,7 @@ def _small_net() -> torch.nn.Module:
 
 
 def test_spectral_does_not_depend_on_batching_or_the_memory_budget() -> None:
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     model, x = _small_net(), random_images(5, 3, 32, 32)
     whole = spectral(model, x, upsample=4, batch_size=8)
@@ -255,7 +255,7 @@ def test_elementwise_activations_split_over_channels_under_a_small_budget() -> N
     # a few channels at a time, with the same pooled energies
     from torch import nn
 
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     seen: list[int] = []
 
@@ -283,7 +283,7 @@ def test_elementwise_activations_split_over_channels_under_a_small_budget() -> N
 def test_spectral_reports_convergence_in_the_upsampling_factor(tmp_path) -> None:
     import json
 
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     sp = spectral(_small_net(), random_images(2, 3, 32, 32), upsample=4, convergence=(2, 4, 8))
     assert sorted(sp.convergence) == [2, 8]
@@ -298,7 +298,7 @@ def test_spectral_reports_convergence_in_the_upsampling_factor(tmp_path) -> None
 def test_patch_embedding_and_patch_merging_get_a_stride_alias() -> None:
     import timm
 
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
     rows = {r["name"]: r for r in spectral(vit, torch.randn(1, 3, 32, 32), upsample=2).table}
@@ -319,7 +319,7 @@ def test_patch_embedding_and_patch_merging_get_a_stride_alias() -> None:
 def test_in_place_activations_do_not_corrupt_later_measures() -> None:
     from torch import nn
 
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     torch.manual_seed(0)
     model = (
@@ -341,7 +341,7 @@ def test_functional_strided_ops_are_downsampling_with_a_stride_alias_and_decompo
     from torch import nn
 
     import aliasscope as asc
-    from aliasscope.spectral import spectral
+    from aliasscope.spectrum import spectral
 
     class Functional(nn.Module):
         def __init__(self) -> None:

@@ -242,7 +242,7 @@ def compare(
     from .checks import check_int, check_labels, check_model, check_transforms, expected_input_size
     from .decomposition import decompose as _decompose
     from .lie import equivariance_metrics
-    from .spectral import alias_of, spectral
+    from .spectrum import alias_of, spectral
 
     if not models:
         raise ValueError("compare needs at least one model")
