@@ -6,17 +6,12 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cli_inputs import LEAN, PROVENANCE, TINY, photos
 from conftest import IMAGENET_SAMPLE
 from PIL import Image
 
 from aliasscope.cli import build_parser, main
-
-TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
-LEAN = ["--no-layerwise", "--no-spectral", "--no-report"]  # each test turns on what it checks
-PROVENANCE = ["model", "weights", "images", "num_images", "generator", "dtype", "device", "seed"]
-PROVENANCE += ["aliasscope_version"]  # after every CSV's own columns
 
 
 def _diagnose_tiny(tmp_path: Path, images: Path, *extra: str) -> int:
@@ -24,17 +19,9 @@ def _diagnose_tiny(tmp_path: Path, images: Path, *extra: str) -> int:
     return main(["diagnose", *TINY, *LEAN, "--images", str(images), "--out", str(tmp_path / "out"), *extra])
 
 
-def _photos(folder: Path, n: int = 3) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
-
-
 def test_diagnose_writes_metrics_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs")) == 0
+    assert _diagnose_tiny(tmp_path, photos(tmp_path / "imgs")) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 3 and list(rows[0]) == ["image", "file", "translate_x", "rotate", *PROVENANCE]
     assert all(float(r["rotate"]) > 0 for r in rows)
@@ -45,7 +32,7 @@ def test_diagnose_writes_metrics_and_summary(tmp_path: Path) -> None:
 
 
 def test_diagnose_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    imgs = _photos(tmp_path / "imgs", 2)
+    imgs = photos(tmp_path / "imgs", 2)
     assert _diagnose_tiny(tmp_path, imgs, "--json") == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["generator"] == "central" and printed["num_images"] == 2
@@ -93,14 +80,14 @@ def test_empty_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_unreadable_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    imgs = _photos(tmp_path / "imgs", 1)
+    imgs = photos(tmp_path / "imgs", 1)
     (imgs / "broken.jpg").write_bytes(b"not a jpeg")
     assert _diagnose_tiny(tmp_path, imgs) == 2
     assert "broken.jpg" in _error_line(capsys)
 
 
 def test_labels_csv_with_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    imgs = _photos(tmp_path / "imgs", 1)
+    imgs = photos(tmp_path / "imgs", 1)
     (imgs / "labels.csv").write_text("file,class_index\nimg0.png,3\nmissing.png,4\n")
     assert _diagnose_tiny(tmp_path, imgs / "labels.csv") == 2
     assert "missing.png" in _error_line(capsys)
@@ -161,7 +148,7 @@ def test_help_lists_every_option() -> None:
 def test_diagnose_layerwise_writes_layers_csv(tmp_path: Path) -> None:
     out = tmp_path / "out"
     extra = ["--layerwise", "--layer-transforms", "translate_x", "scale"]
-    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra) == 0
+    assert _diagnose_tiny(tmp_path, photos(tmp_path / "imgs", 2), *extra) == 0
     rows = list(csv.DictReader((out / "layers.csv").open()))
     assert {r["transform"] for r in rows} == {"translate_x", "scale"}
     assert {"order", "name", "kind", "layout", "shape", "mean", "share"} <= set(rows[0])
@@ -173,7 +160,7 @@ def test_diagnose_layerwise_writes_layers_csv(tmp_path: Path) -> None:
 
 
 def test_bad_layerwise_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 1), "--layerwise", "--target", "best") == 2
+    assert _diagnose_tiny(tmp_path, photos(tmp_path / "imgs", 1), "--layerwise", "--target", "best") == 2
     assert "--target must be" in _error_line(capsys)
 
 
@@ -181,7 +168,7 @@ def test_diagnose_spectral_joins_alias_energy_with_the_attribution(tmp_path: Pat
     out = tmp_path / "out"
     extra = ["--layerwise", "--spectral", "--layer-transforms", "translate_x", "--upsample", "2"]
     extra += ["--spectral-images", "1"]
-    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra, "--convergence", "4") == 0
+    assert _diagnose_tiny(tmp_path, photos(tmp_path / "imgs", 2), *extra, "--convergence", "4") == 0
     rows = list(csv.DictReader((out / "spectral.csv").open()))
     columns = {
         "name",
@@ -211,7 +198,7 @@ def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     extra = ["--layerwise", "--spectral", "--report", "--layer-transforms", "translate_x", "rotate"]
     extra += ["--upsample", "2", "--spectral-images", "1", "--convergence", "--where-images", "2"]
-    assert _diagnose_tiny(tmp_path, _photos(tmp_path / "imgs", 2), *extra) == 0
+    assert _diagnose_tiny(tmp_path, photos(tmp_path / "imgs", 2), *extra) == 0
     for key in FIGURES:
         for suffix in (".png", ".svg"):
             assert (out / "figures" / (key + suffix)).stat().st_size > 1000, key
@@ -231,7 +218,7 @@ def test_diagnose_writes_the_report_and_every_figure(tmp_path: Path) -> None:
 
 
 def test_diagnose_in_float64_matches_float32(tmp_path: Path) -> None:
-    imgs = _photos(tmp_path / "imgs", 2)
+    imgs = photos(tmp_path / "imgs", 2)
     for dtype in ("float32", "float64"):
         main(
             [
@@ -256,7 +243,7 @@ def test_diagnose_in_float64_matches_float32(tmp_path: Path) -> None:
 
 def test_fix_writes_the_comparison(tmp_path: Path) -> None:
     out = tmp_path / "fix"
-    argv = ["fix", *TINY, "--images", str(_photos(tmp_path / "imgs", 2)), "--out", str(out), "--quiet"]
+    argv = ["fix", *TINY, "--images", str(photos(tmp_path / "imgs", 2)), "--out", str(out), "--quiet"]
     extra = ["--fix", "blurpool", "--fix", "circular_padding+polyphase", "--layer-images", "1"]
     assert main([*argv, *extra, "--spectral-images", "1", "--transforms", "translate_x"]) == 0
     rows = list(csv.DictReader((out / "comparison.csv").open()))
@@ -270,7 +257,7 @@ def test_fix_writes_the_comparison(tmp_path: Path) -> None:
 
 
 def test_fix_rejects_an_unknown_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["fix", *TINY, "--images", str(_photos(tmp_path / "imgs", 1)), "--out", str(tmp_path / "o")]
+    argv = ["fix", *TINY, "--images", str(photos(tmp_path / "imgs", 1)), "--out", str(tmp_path / "o")]
     assert main([*argv, "--fix", "blurpool+sharpen"]) == 2
     assert "unknown fix 'blurpool+sharpen'" in _error_line(capsys)
 
@@ -282,7 +269,7 @@ def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, mon
 
     dec = importlib.import_module("aliasscope.decomposition.self_checks")  # where the checks read TOLERANCES
     monkeypatch.setattr(dec, "TOLERANCES", {k: 0.0 for k in dec.TOLERANCES})
-    imgs = _photos(tmp_path / "imgs", 2)
+    imgs = photos(tmp_path / "imgs", 2)
     argv = ["diagnose", *[a for a in TINY if a != "--quiet"], "--images", str(imgs)]
     argv += ["--out", str(tmp_path / "o"), "--layer-transforms", "translate_x", "--no-spectral"]
     argv += ["--where-images", "0"]
@@ -298,7 +285,7 @@ def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, mon
 
 
 def test_passed_self_checks_are_named_with_their_worst_values(tmp_path: Path, capsys) -> None:
-    imgs = _photos(tmp_path / "imgs", 2)
+    imgs = photos(tmp_path / "imgs", 2)
     argv = ["diagnose", *[a for a in TINY if a != "--quiet"], "--images", str(imgs)]
     argv += ["--out", str(tmp_path / "o"), "--layer-transforms", "translate_x", "rotate"]
     argv += ["--no-spectral", "--no-report"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_inputs import TINY, photos
 from conftest import random_images, smooth_cnn
-from PIL import Image
 from scipy import stats
 
 import aliasscope as asc
@@ -18,16 +18,6 @@ from aliasscope.cli import main
 from aliasscope.diagnosis import Diagnosis, alias_join
 from aliasscope.figures import Figure, figure_keys, register_figure, report_keys
 from aliasscope.results import to_json_text
-
-TINY = ["--model", "test_efficientnet", "--no-pretrained", "--transforms", "translate_x", "rotate", "--quiet"]
-
-
-def _photos(folder: Path, n: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
 
 
 def _strict(d: dict) -> dict:
@@ -39,7 +29,7 @@ def _strict(d: dict) -> dict:
 
 
 def test_library_call_equals_the_cli_summary(tmp_path: Path) -> None:
-    imgs = _photos(tmp_path / "imgs")
+    imgs = photos(tmp_path / "imgs", 2)
     out = tmp_path / "out"
     extra = ["--layer-transforms", "translate_x", "--upsample", "2", "--spectral-images", "1", "--no-report"]
     assert main(["diagnose", *TINY, "--images", str(imgs), "--out", str(out), *extra]) == 0
@@ -128,7 +118,8 @@ def test_one_registration_adds_a_figure_file_and_its_report_section(tmp_path: Pa
         register_figure(extra_figure)
     out = tmp_path / "out"
     lean = ["--no-layerwise", "--no-spectral"]
-    assert main(["diagnose", *TINY, *lean, "--images", str(_photos(tmp_path / "i")), "--out", str(out)]) == 0
+    imgs = photos(tmp_path / "i", 2)
+    assert main(["diagnose", *TINY, *lean, "--images", str(imgs), "--out", str(out)]) == 0
     drawn = sorted(p.name for p in (out / "figures").iterdir())
     keys = ["transforms", "extra_check", "lie_distribution"]  # registry order: 10, 12, 15
     assert drawn == sorted(f"{k}{s}" for k in keys for s in (".png", ".svg"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import LEAN, PROVENANCE, TINY, _photos
+from cli_inputs import LEAN, PROVENANCE, TINY, photos
 
 from aliasscope import cli, figures, output
 from aliasscope.models import load_model, weights_source
@@ -268,7 +268,7 @@ def test_the_lock_without_fcntl_detects_live_and_stale_holders(tmp_path: Path, m
 def _argv(tmp_path: Path, *extra: str, quiet: bool = True) -> list[str]:
     imgs = tmp_path / "imgs"
     if not imgs.exists():
-        _photos(imgs, 2)
+        photos(imgs, 2)
     tiny = TINY if quiet else [a for a in TINY if a != "--quiet"]
     return ["diagnose", *tiny, "--images", str(imgs), "--out", str(tmp_path / "out"), *extra]
 
