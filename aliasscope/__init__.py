@@ -25,6 +25,17 @@ Quick start::
 
 __version__ = "0.1.0"
 
+from ._plots import (
+    plot_alias_vs_attribution,
+    plot_comparison,
+    plot_layer_attribution,
+    plot_lie_distribution,
+    plot_spectral,
+    plot_transforms,
+    plot_where,
+)
+from ._report import render_report, write_report
+from ._resampling import resample
 from .capture import KINDS, OpRecord, Recording, record
 from .comparison import Comparison, compare
 from .data import ImageBatch, load_images
@@ -37,17 +48,6 @@ from .kinds import Kind, get_kind, register_kind
 from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
 from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
 from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
-from .plots import (
-    plot_alias_vs_attribution,
-    plot_comparison,
-    plot_layer_attribution,
-    plot_lie_distribution,
-    plot_spectral,
-    plot_transforms,
-    plot_where,
-)
-from .report import render_report, write_report
-from .resampling import resample
 from .spectrum import Spectrum, spectral
 from .transforms import TRANSFORMS, Transform, get_transform, transform_names
 

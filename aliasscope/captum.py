@@ -6,7 +6,7 @@ captum's tooling (:meth:`captum.attr.LayerAttribution.interpolate`,
 
 * :class:`LayerLieDerivative` (a :class:`captum.attr.LayerAttribution`): per neuron of a layer's
   output, ``dT/dh * v``, where ``T`` is the selected output of the model and ``v = J_f D h_in - D h``
-  the layer's *local* Lie derivative (:mod:`aliasscope.decomposition.local`). Summed over a layer's
+  the layer's *local* Lie derivative (:mod:`aliasscope.decomposition._local`). Summed over a layer's
   neurons it is that layer's exact contribution to the Lie derivative of ``T``; summed over every op of the
   model it is the whole Lie derivative ``L_X T``. Built on :func:`aliasscope.decomposition.decompose`
   (``keep_maps=True``): one forward and one backward pass for every layer at once.
@@ -40,9 +40,9 @@ from captum._utils.common import (
 from captum.attr import GradientAttribution, LayerAttribution
 from torch import nn
 
-from .borrow import borrowed
+from ._borrow import borrowed
+from ._checks import check_model
 from .capture import OpRecord
-from .checks import check_model
 from .decomposition import Decomposition, decompose
 from .generators import apply_generator, get_generator
 from .layouts import BCHW, Layout, window_grid

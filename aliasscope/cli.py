@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._output import Interrupted, OutputFolder, interrupted_message, output_folder
 from .generators import generator_names
-from .output import Interrupted, OutputFolder, interrupted_message, output_folder
 from .transforms import transform_names
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -238,10 +238,10 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
     """The work of ``aliasscope fix`` into the open output folder; returns comparison.json's text."""
     from dataclasses import replace
 
+    from ._plots import plot_comparison
     from .comparison import compare
     from .data import load_images
     from .fixes import apply_fixes, changes
-    from .plots import plot_comparison
 
     model, preprocess = _load(args)
     wide = replace(preprocess, crop=preprocess.crop + 32, resize=max(preprocess.resize, preprocess.crop + 32))
@@ -319,7 +319,7 @@ def _record(out: OutputFolder, args: argparse.Namespace, model: torch.nn.Module,
 
 def _load(args: argparse.Namespace):
     """Check the device, seed the generators, load the model (in ``--dtype``) and its preprocessing."""
-    from .checks import check_device
+    from ._checks import check_device
     from .models import load_model
 
     try:
@@ -401,7 +401,7 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
     # strict JSON: NaN (a measure that does not apply) written as null; a "provenance" object added
     text = out.write_json("summary.json", summary)
     if args.report:
-        from .report import write_report
+        from ._report import write_report
 
         write_report(out / "report.html", summary, figures, files=[*out.written(), "manifest.json"])
     return summary, text, result.metrics
@@ -410,7 +410,7 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
 def _print_summary(args: argparse.Namespace, summary: dict, metrics, out: OutputFolder, start: float) -> None:
     """The one-screen text summary at the end of ``diagnose``: a failed self-check replaces the
     ranking and the advice by the failures."""
-    from .report import advice, check_failures, convergence_verdict
+    from ._report import advice, check_failures, convergence_verdict
 
     print(
         f"\nmodel {args.model}, {summary['provenance']['weights']}, {summary['num_images']} images, "

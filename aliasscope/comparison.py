@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._timing import best_time
 from .results import Result
-from .timing import best_time
 
 __all__ = [
     "compare",
@@ -125,7 +125,7 @@ def _pct(row: dict[str, Any], key: str) -> str:
 class Comparison(Result):
     """One row of measures per model (:attr:`rows`, also :attr:`table`), in the order the models were
     given; the per-kind layer shares and alias energies in :attr:`by_kind`; the settings in
-    :attr:`settings`. :meth:`plot` draws :func:`aliasscope.plots.plot_comparison`."""
+    :attr:`settings`. :meth:`plot` draws :func:`aliasscope._plots.plot_comparison`."""
 
     default_figure = "plot_comparison"
 
@@ -189,7 +189,7 @@ def _crop_size(crop: int | None, images: torch.Tensor, model: nn.Module, input_s
 
 def _classes(name: str, model: nn.Module, x: torch.Tensor) -> int:
     """The number of classes of a classifier (one forward of one image)."""
-    from .borrow import borrowed, check_images
+    from ._borrow import borrowed, check_images
 
     x = check_images(x, model)
     with borrowed(model), torch.no_grad():
@@ -238,8 +238,8 @@ def compare(
     """
     from tqdm.auto import tqdm
 
-    from .borrow import borrowed, check_images
-    from .checks import check_int, check_labels, check_model, check_transforms, expected_input_size
+    from ._borrow import borrowed, check_images
+    from ._checks import check_int, check_labels, check_model, check_transforms, expected_input_size
     from .decomposition import decompose as _decompose
     from .lie import equivariance_metrics
     from .spectrum import alias_of, spectral

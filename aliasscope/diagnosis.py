@@ -4,7 +4,7 @@ self-checks, timings, settings and versions). The command line only parses argum
 and images, calls :func:`diagnose` and writes files from the result.
 
 The summary dict (``Diagnosis.to_dict()``) is the content of ``summary.json``; the report
-(:mod:`aliasscope.report`) is a view of it.
+(:mod:`aliasscope._report`) is a view of it.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def alias_join(spectrum: Spectrum, decompositions: Mapping[str, Decomposition] |
 
 
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    from .borrow import borrowed
-    from .checks import check_labels
+    from ._borrow import borrowed
+    from ._checks import check_labels
     from .comparison import predict, top1
 
     with borrowed(model), torch.no_grad():  # eval mode, given back as it came
@@ -136,7 +136,7 @@ def _predictions(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int
 ) -> dict[str, Any]:
     """Per image: the predicted class, its softmax probability and the label (None when unlabelled)."""
-    from .borrow import borrowed
+    from ._borrow import borrowed
 
     classes: list[int] = []
     probs: list[float] = []
@@ -175,7 +175,7 @@ class Diagnosis(Result):
 
     As a :class:`~aliasscope.results.Result`: :attr:`table` is :meth:`per_image_rows` (per_image.csv),
     :meth:`to_json` is summary.json without its provenance, :meth:`plot` the metrics' figure
-    (:func:`aliasscope.plots.plot_transforms`; the CLI's other figures: :mod:`aliasscope.figures`).
+    (:func:`aliasscope._plots.plot_transforms`; the CLI's other figures: :mod:`aliasscope.figures`).
     """
 
     default_figure = "plot_transforms"
@@ -220,12 +220,12 @@ class Diagnosis(Result):
         return self.per_image_rows()
 
     def plot(self, path: str | None = None) -> Any:
-        """The end-to-end figure of :attr:`metrics` (:func:`aliasscope.plots.plot_transforms`)."""
+        """The end-to-end figure of :attr:`metrics` (:func:`aliasscope._plots.plot_transforms`)."""
         return self.metrics.plot(path)
 
     def per_image_rows(self) -> list[dict[str, Any]]:
         """per_image.csv: predictions and each transform's value, per image."""
-        from .report import per_image_rows
+        from ._report import per_image_rows
 
         return per_image_rows(self.to_dict())
 
@@ -287,7 +287,7 @@ class Diagnosis(Result):
         import html
         import re
 
-        from .report import advice, check_failures, convergence_verdict
+        from ._report import advice, check_failures, convergence_verdict
 
         d = self.to_dict()
         lines = [self.metrics.summary()]

@@ -3,7 +3,7 @@ it from a :class:`~aliasscope.diagnosis.Diagnosis`, its title, its caption (from
 that a report can be rendered from a ``summary.json`` alone) and where it goes in the report.
 
 ``aliasscope diagnose`` draws every registered figure that applies into ``figures/<key>.png|svg``, and
-:func:`aliasscope.report.render_report` orders, titles and captions them from the same registry, so
+:func:`aliasscope._report.render_report` orders, titles and captions them from the same registry, so
 adding a figure is one :func:`register_figure` call (plus its test)::
 
     register_figure(Figure(
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .report import _SHARE_HTML, CONVERGENCE_TOLERANCE
+from ._report import _SHARE_HTML, CONVERGENCE_TOLERANCE
 
 if TYPE_CHECKING:
     import matplotlib.figure
@@ -236,7 +236,7 @@ def _alias_caption(summary: dict[str, Any], key: str) -> str:
 
 
 def _draw_where(d: Diagnosis, path: Path, key: str):
-    from . import plots
+    from . import _plots as plots
     from .decomposition import decompose
     from .diagnosis import parse_target
 
@@ -266,7 +266,7 @@ def _draw_where(d: Diagnosis, path: Path, key: str):
 
 
 def _draw_alias(d: Diagnosis, path: Path, key: str):
-    from . import plots
+    from . import _plots as plots
 
     return plots.plot_alias_vs_attribution(
         d.join.rows,
@@ -279,7 +279,7 @@ def _draw_alias(d: Diagnosis, path: Path, key: str):
 
 
 def _plots():
-    from . import plots
+    from . import _plots as plots
 
     return plots
 

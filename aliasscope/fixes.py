@@ -14,10 +14,10 @@ module to the record that :func:`changes` reads back. Fixes compose: ``polyphase
 * :func:`blurpool`: Zhang 2019. Strided conv -> binomial blur (stride 1) then the strided conv; strided
   max-pool -> max-pool at stride 1 then blur-pool; avg-pool -> blur-pool (timm's ``BlurPool2d``).
 * :func:`filtered_activation`: upsample -> nonlinearity -> low-pass -> downsample around each pointwise
-  nonlinearity module (:class:`~aliasscope.antialias.FilteredActivation`).
+  nonlinearity module (:class:`~aliasscope._antialias.FilteredActivation`).
 * :func:`circular_padding`: convolutions, pools and blurs pad circularly.
 * :func:`polyphase`: adaptive polyphase sampling for strided ops
-  (:class:`~aliasscope.antialias.PolyphaseDown`).
+  (:class:`~aliasscope._antialias.PolyphaseDown`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .antialias import (
+from ._antialias import (
     CircularAvgPool2d,
     CircularConv2d,
     CircularMaxPool2d,
@@ -41,8 +41,8 @@ from .antialias import (
     PolyphaseDown,
     shallow_copy,
 )
+from ._checks import check_model
 from .capture import OpRecord, select_ops
-from .checks import check_model
 
 __all__ = [
     "Change",
@@ -97,7 +97,7 @@ def _example_input(model: nn.Module, example: torch.Tensor | None) -> torch.Tens
 
 def _recorded_ops(model: nn.Module, example: torch.Tensor) -> list[OpRecord]:
     """The ops of one recorded forward pass (under :func:`borrowed`: modes and hooks restored)."""
-    from .borrow import borrowed, check_images
+    from ._borrow import borrowed, check_images
     from .capture import record
 
     example = check_images(example, model)
@@ -262,7 +262,7 @@ def filtered_activation(
     example: torch.Tensor | None = None,
 ) -> nn.Module:
     """Evaluate each pointwise nonlinearity module at ``up`` times the resolution with band-limited
-    resampling around it (:class:`~aliasscope.antialias.FilteredActivation`; ``filter="ideal"`` or
+    resampling around it (:class:`~aliasscope._antialias.FilteredActivation`; ``filter="ideal"`` or
     ``"kaiser"``). The layout of each activation (BCHW, BHWC or a token grid) comes from the recorded
     example. Default ``where``: every nonlinearity."""
     FilteredActivation(nn.Identity(), up, filter)  # validates the arguments before any copying
@@ -301,7 +301,7 @@ def circular_padding(
     """Convolutions, pools and blurs pad circularly (a circular shift of the input then shifts every
     feature map of a stride-1 network exactly). ``nn.Conv2d`` switches ``padding_mode``; timm's
     dynamic TF-"same" convs and pools and padded pools become
-    :class:`~aliasscope.antialias.CircularConv2d` / ``CircularMaxPool2d`` / ``CircularAvgPool2d``.
+    :class:`~aliasscope._antialias.CircularConv2d` / ``CircularMaxPool2d`` / ``CircularAvgPool2d``.
     Default ``where``: every op."""
     from timm.layers import Conv2dSame
 
@@ -339,8 +339,8 @@ def circular_padding(
 def polyphase(model: nn.Module, *, where: Where = None, example: torch.Tensor | None = None) -> nn.Module:
     """Adaptive polyphase sampling (Chaman & Dokmanic 2021, "Truly shift-invariant convolutional neural
     networks"): each strided conv, pool or blur runs at stride 1 and a
-    :class:`~aliasscope.antialias.PolyphaseDown` keeps the polyphase component of largest norm. All
-    APS layers of the model share one :class:`~aliasscope.antialias.PhaseBook`, cleared by a forward
+    :class:`~aliasscope._antialias.PolyphaseDown` keeps the polyphase component of largest norm. All
+    APS layers of the model share one :class:`~aliasscope._antialias.PhaseBook`, cleared by a forward
     pre-hook on the model, so a residual block's strided shortcut keeps the component its main path
     chose. With :func:`circular_padding` as well, a CNN's output is exactly invariant to circular
     shifts of the input by any integer (grid sizes must stay divisible by the strides). Default

@@ -42,9 +42,9 @@ from collections.abc import Callable
 
 import torch
 
-from .forward_mode import jvp
+from ._forward_mode import jvp
+from ._resampling import bilinear_reflect, paper_coordinates, pixel_centres
 from .layouts import BCHW, Layout, map_spatial
-from .resampling import bilinear_reflect, paper_coordinates, pixel_centres
 from .transforms import Transform, get_transform
 
 __all__ = ["GENERATORS", "apply_generator", "get_generator", "generator_names"]

@@ -12,7 +12,7 @@ change. Everything a kind needs is in its record here, so adding one is one entr
 :data:`KINDS` (name -> description), :data:`KIND_COLOURS` (name -> colour) and :data:`FIX_FOR_KIND`
 (name -> (fix, advice)) are views of the registry, kept in step with it by :func:`register_kind` and
 :func:`unregister_kind` (edit the registry, not them). Recognising an op by its arguments (strides,
-sizes, layouts) is code and stays in :mod:`aliasscope.recording.classify`; recognising it by its
+sizes, layouts) is code and stays in :mod:`aliasscope._recording.classify`; recognising it by its
 function name is data and lives here (:attr:`Kind.functions`).
 """
 
@@ -298,7 +298,7 @@ KIND_COLOURS: dict[str, str] = {}
 
 FIX_FOR_KIND: dict[str, tuple[str, str]] = {}
 """Per op kind that has one: the fix to try first and why (a view of the registry; used by
-:func:`aliasscope.report.advice`)."""
+:func:`aliasscope._report.advice`)."""
 
 
 def _sync() -> None:

@@ -806,7 +806,7 @@ def _pad(call: Call) -> Result:
 
 @rule("setitem", "view_scatter", needs_layout=False)
 def _write(call: Call) -> Result:
-    """A tensor after an in-place write in functional form (:mod:`aliasscope.mutation`: ``x[i] = v``
+    """A tensor after an in-place write in functional form (:mod:`aliasscope._mutation`: ``x[i] = v``
     as ``setitem(x, i, v)``, a write through a view as ``view_scatter(base, v)``): the written
     tensor's layout when it depends on the image; a constant canvas (``torch.zeros``) takes the
     written value's layout when the value fills it, or when ``x[i] = v`` slices only batch and

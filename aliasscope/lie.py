@@ -3,7 +3,7 @@
 ``L_X F(x) = d/dt rho(-t) F(rho(t) x) |_{t=0} = J_F(x) . (D x) - D F(x)``, the second term only when
 the output is image-like (feature maps, token grids); for invariant outputs (logits) rho acts on the
 output as the identity. ``D x`` is computed once by the chosen generator, then pushed through the
-model with one forward-mode Jacobian-vector product (:func:`aliasscope.forward_mode.jvp`).
+model with one forward-mode Jacobian-vector product (:func:`aliasscope._forward_mode.jvp`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from .borrow import borrowed, check_images
-from .checks import (
+from ._borrow import borrowed, check_images
+from ._checks import (
     check_finite_output,
     check_int,
     check_model,
@@ -29,10 +29,10 @@ from .checks import (
     names_nonfinite_images,
     output_hint,
 )
-from .forward_mode import jvp
+from ._forward_mode import jvp
+from ._resampling import resample
 from .generators import apply_generator, get_generator
 from .layouts import Layout, infer_layout
-from .resampling import resample
 from .results import Result
 from .transforms import get_transform
 
@@ -196,7 +196,7 @@ def finite_difference(
     """Estimate the same derivative as :func:`lie_derivative` by really resampling at ``+-eps``.
 
     ``D(eps) = (G(eps) - G(-eps)) / (2 eps)`` with ``G(t) = rho(-t) F(rho(t) x)``, where rho is the
-    resampler whose derivative ``generator`` is (:func:`aliasscope.resampling.resample`). The bilinear
+    resampler whose derivative ``generator`` is (:func:`aliasscope._resampling.resample`). The bilinear
     resampler moves a pixel by ``eps`` times its *forward* difference for ``t > 0`` and its backward
     difference for ``t < 0``, so through a nonlinear model ``D(eps) = L + c eps + O(eps^2)``.
     ``extrapolate`` (default: on in float64) removes the ``c eps`` term by Richardson extrapolation,
@@ -236,7 +236,7 @@ class EquivarianceMetrics(Result):
     ``values[i, j]`` is the mean over output entries (classes) of ``|L_X softmax(F(x_i))|`` for
     transform ``transforms[j]``. Intervals are BCa bootstrap intervals of the mean over images.
     :meth:`to_csv` writes the per-image values (:meth:`per_image`); :meth:`plot` draws
-    :func:`aliasscope.plots.plot_transforms`.
+    :func:`aliasscope._plots.plot_transforms`.
     """
 
     default_figure = "plot_transforms"

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from .checks import check_device
+from ._checks import check_device
 
 __all__ = [
     "BUNDLED_MODELS",

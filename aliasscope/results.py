@@ -73,13 +73,13 @@ class Result(ABC):
 
     A subclass implements :attr:`table` (one dict per row), :meth:`to_dict` (plain Python types) and
     :meth:`summary` (text), and names its default figure in :attr:`default_figure` (a function of
-    :mod:`aliasscope.plots` taking the result and a path). The base writes them: :meth:`to_csv` (the
+    :mod:`aliasscope._plots` taking the result and a path). The base writes them: :meth:`to_csv` (the
     rows of :meth:`csv_rows`, :attr:`table` unless the subclass says otherwise), :meth:`to_json`
     (:meth:`to_dict`, NaN and inf as null), ``str`` (:meth:`summary`) and :meth:`plot`.
     """
 
     default_figure: ClassVar[str]
-    """Name of the default figure function in :mod:`aliasscope.plots`."""
+    """Name of the default figure function in :mod:`aliasscope._plots`."""
 
     @property
     @abstractmethod
@@ -108,7 +108,7 @@ class Result(ABC):
 
     def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
         """The default figure (a matplotlib Figure; saved as PNG and SVG when ``path`` is given)."""
-        from . import plots
+        from . import _plots as plots
 
         return getattr(plots, self.default_figure)(self, path)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_finite_output, check_int, check_model, names_nonfinite_images, selected_ops
+from ._checks import check_finite_output, check_int, check_model, names_nonfinite_images, selected_ops
 from .kinds import is_pointwise_kind
 from .layouts import BCHW, Layout
 from .results import Result
@@ -310,7 +310,7 @@ class Spectrum(Result):
 
     ``alias_ratio`` and ``aliasing_error`` are measured for pointwise ops (nonlinearities, channel
     norms) at the upsampling factor ``upsample`` (for a
-    :class:`~aliasscope.antialias.FilteredActivation`, of its nonlinearity on the finer grid it runs
+    :class:`~aliasscope._antialias.FilteredActivation`, of its nonlinearity on the finer grid it runs
     on: the energy the wrapper's low-pass cannot remove);
     ``stride_alias`` for every op that shrinks its grid by
     an integer factor ``strides[i]`` (strided convolutions and pooling, patch embeddings, patch merging),
@@ -319,7 +319,7 @@ class Spectrum(Result):
     energies pooled over all images. ``convergence`` maps further factors ``s`` to
     ``(alias_ratio, aliasing_error)`` at that ``s``, to check that ``upsample`` is large enough.
     :meth:`alias` is each op's alias energy (:func:`alias_of`); :meth:`plot` draws
-    :func:`aliasscope.plots.plot_spectral`.
+    :func:`aliasscope._plots.plot_spectral`.
     """
 
     default_figure = "plot_spectral"
@@ -403,8 +403,8 @@ class Spectrum(Result):
 
     def summary(self, k: int = 5) -> str:
         """A text summary: ops measured, alias energy by kind, the ``k`` ops with the most alias
-        energy, and the convergence verdict (:func:`aliasscope.report.convergence_verdict`)."""
-        from .report import convergence_verdict
+        energy, and the convergence verdict (:func:`aliasscope._report.convergence_verdict`)."""
+        from ._report import convergence_verdict
 
         alias = self.alias()
         measured = int((~alias.isnan()).sum())
@@ -539,7 +539,7 @@ def spectral(
     """
     from tqdm.auto import tqdm
 
-    from .borrow import borrowed, check_images
+    from ._borrow import borrowed, check_images
     from .capture import record
 
     model = check_model(model)

@@ -23,8 +23,8 @@ from common import PRETRAINED, analysis_parser, attribute, begin, each_model
 from scipy import stats
 
 from aliasscope import spectral
+from aliasscope._plots import save_figure
 from aliasscope.diagnosis import alias_join
-from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv
 
 

@@ -31,8 +31,8 @@ from captum.attr import LayerAttribution  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from aliasscope import load_images, load_model  # noqa: E402
+from aliasscope._plots import save_figure  # noqa: E402
 from aliasscope.captum import LayerLieDerivative, LieDerivativeAttribution  # noqa: E402
-from aliasscope.plots import save_figure  # noqa: E402
 
 LAYERS = ("blocks.1", "blocks.3", "blocks.5")
 

@@ -23,8 +23,8 @@ import torch
 from common import analysis_parser, attribute, begin, each_model
 from scipy import stats
 
-from aliasscope.plots import KIND_COLOURS, save_figure
-from aliasscope.resampling import paper_coordinates
+from aliasscope._plots import KIND_COLOURS, save_figure
+from aliasscope._resampling import paper_coordinates
 from aliasscope.results import rows_to_csv
 from aliasscope.transforms import get_transform
 

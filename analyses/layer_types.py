@@ -23,8 +23,8 @@ import torch
 from common import PRETRAINED, RANDOM_INIT, analysis_parser, attribute, begin, model_and_images
 from scipy import stats
 
+from aliasscope._plots import save_figure
 from aliasscope.kinds import kind_colour, kind_order
-from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv
 
 TRANSFORMS = ["translate_x", "rotate", "scale"]

@@ -5,7 +5,7 @@
 The reference code (Gruver et al. 2023) computes ``d/dt softmax(model(T_t x))`` at ``t = 0`` with a
 double-backward trick through its float32 resampler, evaluating the model at the resampled identity
 ``T_0 x`` (about 1e-6 px away from ``x``). This script re-derives that procedure (the resampler is
-:func:`aliasscope.resampling.resample` with ``generator="paper"``, which follows the reference
+:func:`aliasscope._resampling.resample` with ``generator="paper"``, which follows the reference
 resampler op by op) and compares, per transform, the mean over images of the paper's metric
 (mean over classes of ``|L_X softmax|``) with aliasscope's forward-mode ``lie_derivative``
 evaluated at ``x`` itself. Stretch uses the corrected matrix ``diag(1 + t, 1)`` in both (the

@@ -20,9 +20,9 @@ from common import PRETRAINED, analysis_parser, begin, each_model
 from scipy import stats
 
 from aliasscope import equivariance_metrics
+from aliasscope._plots import save_figure
 from aliasscope.comparison import predict, top1
 from aliasscope.data import ImageBatch
-from aliasscope.plots import save_figure
 from aliasscope.results import rows_to_csv
 from aliasscope.transforms import transform_names
 

@@ -21,9 +21,9 @@ import torch
 from common import analysis_parser, attribute, begin, model_and_images
 
 from aliasscope import equivariance_metrics, filtered_activation, spectral
+from aliasscope._plots import KIND_COLOURS, save_figure
 from aliasscope.comparison import predict, top1
 from aliasscope.data import ImageBatch
-from aliasscope.plots import KIND_COLOURS, save_figure
 from aliasscope.results import rows_to_csv
 
 FACTORS = [1, 2, 4, 8]

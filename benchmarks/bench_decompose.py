@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from timing import best_time, model_and_images, model_arguments
 
-from aliasscope.borrow import borrowed
+from aliasscope._borrow import borrowed
 from aliasscope.capture import record
 from aliasscope.decomposition import decompose, local_lie_derivative
-from aliasscope.decomposition.local import is_zero_by_construction
+from aliasscope.decomposition._local import is_zero_by_construction
 
 
 def paper_style_probes(model, x, transform: str, num_probes: int) -> None:

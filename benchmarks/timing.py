@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks (run them as ``python benchmarks/<name>.py``): the timing of
-:mod:`aliasscope.timing`, the common command-line options, and the model and images they time."""
+:mod:`aliasscope._timing`, the common command-line options, and the model and images they time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from aliasscope.timing import best_time, sync
+from aliasscope._timing import best_time, sync
 
 __all__ = ["best_time", "sync", "model_arguments", "model_and_images"]
 

@@ -14,7 +14,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from model_state import assert_unchanged, snapshot
 from PIL import Image
 from torch import nn

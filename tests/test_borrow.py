@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from model_state import assert_unchanged, snapshot
 from torch import nn
 
@@ -122,7 +122,7 @@ def test_layout_that_cannot_be_inferred() -> None:
 
 
 def test_tf32_is_off_during_analysis_and_restored() -> None:
-    from aliasscope.borrow import _precision_knobs
+    from aliasscope._borrow import _precision_knobs
 
     knobs = _precision_knobs()
     seen = []

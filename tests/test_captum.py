@@ -11,7 +11,7 @@ import timm
 import torch
 from captum.attr import LayerAttribution
 from captum.attr import visualization as viz
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from torch import nn
 
 from aliasscope.captum import LayerLieDerivative, LieDerivativeAttribution

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_images
+from helpers import random_images
 from torch import nn
 
 from aliasscope.capture import KINDS, record

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from cli_inputs import LEAN, PROVENANCE, TINY, photos
-from conftest import IMAGENET_SAMPLE
+from helpers import IMAGENET_SAMPLE
 from PIL import Image
 
 from aliasscope.cli import build_parser, main
@@ -267,7 +267,7 @@ def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, mon
     summary and summary.json say so instead of ranking ops or advising a fix."""
     import importlib
 
-    dec = importlib.import_module("aliasscope.decomposition.self_checks")  # where the checks read TOLERANCES
+    dec = importlib.import_module("aliasscope.decomposition._self_checks")  # where the checks read TOLERANCES
     monkeypatch.setattr(dec, "TOLERANCES", {k: 0.0 for k in dec.TOLERANCES})
     imgs = photos(tmp_path / "imgs", 2)
     argv = ["diagnose", *[a for a in TINY if a != "--quiet"], "--images", str(imgs)]

@@ -9,14 +9,14 @@ import json
 import pytest
 import timm
 import torch
-from conftest import IMAGENET_SAMPLE, random_images, smooth_cnn
+from helpers import IMAGENET_SAMPLE, random_images, smooth_cnn
 from torch import nn
 
+from aliasscope._resampling import resample
 from aliasscope.capture import record
 from aliasscope.decomposition import decompose, local_lie_derivative
 from aliasscope.generators import apply_generator
 from aliasscope.lie import lie_derivative
-from aliasscope.resampling import resample
 
 # the model list, at sizes CI can afford (random init; heads re-initialised where timm zeroes them)
 FAMILIES = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cli_inputs import TINY, photos
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from scipy import stats
 
 import aliasscope as asc
@@ -101,7 +101,7 @@ def extra_figure():
     """A figure registered for one test, and taken out again."""
 
     def draw(d, path, key):
-        from aliasscope.plots import plot_transforms
+        from aliasscope._plots import plot_transforms
 
         return plot_transforms(d.metrics, path)
 
@@ -133,7 +133,7 @@ def test_one_registration_adds_a_figure_file_and_its_report_section(tmp_path: Pa
 def test_the_per_image_distribution_figure(tmp_path: Path) -> None:
     values = torch.tensor([[1e-2, 1e-3], [3e-2, 2e-3], [2e-2, 5e-4]], dtype=torch.float64)
     metrics = asc.EquivarianceMetrics(values, ["rotate", "scale"], "central", "softmax")
-    fig = asc.plots.plot_lie_distribution(metrics, tmp_path / "dist")
+    fig = asc.plot_lie_distribution(metrics, tmp_path / "dist")
     assert (tmp_path / "dist.png").stat().st_size > 1000 and (tmp_path / "dist.svg").exists()
     ax = fig.axes[0]
     points = [line for line in ax.lines if line.get_marker() == "o"]

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from aliasscope.antialias import FilteredActivation, PolyphaseDown, kaiser_lowpass
+from aliasscope._antialias import FilteredActivation, PolyphaseDown, kaiser_lowpass
 from aliasscope.fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
 from aliasscope.spectrum import spectral, upsample
 
@@ -171,7 +171,7 @@ def test_bad_fix_arguments_and_a_model_with_nothing_to_fix() -> None:
 
 
 def test_circular_extension_wraps_maps_smaller_than_the_filter() -> None:
-    from aliasscope.antialias import _extend
+    from aliasscope._antialias import _extend
 
     x = torch.randn(1, 2, 3, 4)
     torch.testing.assert_close(

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import random_images, rel_err
+from helpers import random_images, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aliasscope._resampling import paper_coordinates, resample
 from aliasscope.generators import apply_generator, get_generator
 from aliasscope.layouts import BCHW, BHWC, INVARIANT, Layout
-from aliasscope.resampling import paper_coordinates, resample
 from aliasscope.transforms import SPATIAL_TRANSFORMS, TRANSFORMS, get_transform
 
 

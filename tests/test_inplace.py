@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 from inplace_catalogue import PATTERNS, PatternNet
 
 from aliasscope.capture import record

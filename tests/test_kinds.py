@@ -10,12 +10,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from matplotlib.colors import is_color_like, to_hex
 from torch import nn
 
 import aliasscope
-from aliasscope import capture, kinds, plots, report
+from aliasscope import _plots as plots
+from aliasscope import _report as report
+from aliasscope import capture, kinds
 from aliasscope.capture import record
 from aliasscope.comparison import Comparison
 from aliasscope.decomposition import decompose

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from aliasscope._mutation import setitem, view_scatter
 from aliasscope.layout_rules import (
     BINARY,
     FALLBACKS,
@@ -30,7 +31,6 @@ from aliasscope.layout_rules import (
     rules_for,
 )
 from aliasscope.layouts import BCHW, BHWC, INVARIANT, Layout
-from aliasscope.mutation import setitem, view_scatter
 
 CONST = "const"
 """In ``lays``: a tensor input that does not depend on the image."""
@@ -383,17 +383,46 @@ PAD = [
 ]
 CANVAS = torch.zeros(2, 3, 4, 6)
 WRITE = [
-    case("into-activation", setitem, X, (slice(None), slice(0, 1)), X2[:, :1], lays=[BCHW, BCHW],
-         expect=BCHW),  # fmt: skip
-    case("canvas-channels", setitem, CANVAS, (slice(None), slice(0, 2)), X[:, :2], lays=[CONST, BCHW],
-         expect=BCHW),  # fmt: skip
-    case("canvas-ellipsis", setitem, CANVAS, (Ellipsis, slice(1, 3), slice(None), slice(None)), X[:, 1:3],
-         lays=[CONST, BCHW], expect=BCHW),  # fmt: skip
+    case(
+        "into-activation", setitem, X, (slice(None), slice(0, 1)), X2[:, :1], lays=[BCHW, BCHW], expect=BCHW
+    ),  # fmt: skip
+    case(
+        "canvas-channels",
+        setitem,
+        CANVAS,
+        (slice(None), slice(0, 2)),
+        X[:, :2],
+        lays=[CONST, BCHW],
+        expect=BCHW,
+    ),  # fmt: skip
+    case(
+        "canvas-ellipsis",
+        setitem,
+        CANVAS,
+        (Ellipsis, slice(1, 3), slice(None), slice(None)),
+        X[:, 1:3],
+        lays=[CONST, BCHW],
+        expect=BCHW,
+    ),  # fmt: skip
     case("canvas-filled", view_scatter, CANVAS, X, lambda b: b, lays=[CONST, BCHW], expect=BCHW),
-    case("none-canvas-part-of-grid", setitem, CANVAS, (slice(None), slice(None), slice(0, 2)), X[:, :, :2],
-         lays=[CONST, BCHW], expect=None),  # fmt: skip
-    case("none-view-of-canvas", view_scatter, CANVAS, X[:, :1], lambda b: b[:, :1], lays=[CONST, BCHW],
-         expect=None),  # fmt: skip
+    case(
+        "none-canvas-part-of-grid",
+        setitem,
+        CANVAS,
+        (slice(None), slice(None), slice(0, 2)),
+        X[:, :, :2],
+        lays=[CONST, BCHW],
+        expect=None,
+    ),  # fmt: skip
+    case(
+        "none-view-of-canvas",
+        view_scatter,
+        CANVAS,
+        X[:, :1],
+        lambda b: b[:, :1],
+        lays=[CONST, BCHW],
+        expect=None,
+    ),  # fmt: skip
 ]
 BY_RULE = {
     "write": WRITE,

@@ -10,13 +10,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_images, rel_err, smooth_cnn
+from helpers import random_images, rel_err, smooth_cnn
 from torch import nn
 
-from aliasscope.forward_mode import _sdpa_math, jvp
+from aliasscope._forward_mode import _sdpa_math, jvp
+from aliasscope._resampling import resample
 from aliasscope.layouts import Layout
 from aliasscope.lie import equivariance_metrics, finite_difference, lie_derivative
-from aliasscope.resampling import resample
 from aliasscope.transforms import SPATIAL_TRANSFORMS, TRANSFORMS
 
 

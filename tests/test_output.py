@@ -16,9 +16,9 @@ import pytest
 import torch
 from cli_inputs import LEAN, PROVENANCE, TINY, photos
 
-from aliasscope import cli, figures, output
-from aliasscope.models import load_model, weights_source
-from aliasscope.output import (
+from aliasscope import _output as output
+from aliasscope import cli, figures
+from aliasscope._output import (
     MANIFEST,
     Interrupted,
     OutputBusyError,
@@ -27,6 +27,7 @@ from aliasscope.output import (
     is_output_folder,
     output_folder,
 )
+from aliasscope.models import load_model, weights_source
 from aliasscope.results import rows_to_csv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     before = (matplotlib.get_backend(), plt.get_fignums(), dict(matplotlib.rcParams))
 
     import aliasscope as asc
-    from aliasscope import plots
+    from aliasscope import _plots as plots
     from aliasscope.lie import EquivarianceMetrics
 
     torch.manual_seed(0)

@@ -9,15 +9,16 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
-from conftest import random_images
+from helpers import random_images
 from inplace_catalogue import PATTERNS, PatternNet
 from torch import nn
 
 import aliasscope
-from aliasscope import capture, recording
+from aliasscope import _recording as recording
+from aliasscope import capture
+from aliasscope._recording import ops as ops_module
+from aliasscope._recording.tracer import Tracer
 from aliasscope.capture import OpRecord, Recording, record
-from aliasscope.recording import ops as ops_module
-from aliasscope.recording.tracer import Tracer
 
 
 def _check_producers(rec: Recording) -> list[tuple[int, int, tuple[int, int] | None]]:
@@ -192,8 +193,8 @@ def test_a_finished_recording_holds_no_tracer_state() -> None:
     assert all(isinstance(op, OpRecord) for op in rec.ops)
     # nothing reachable from the recording (its ops' replay closures included) is the tracer or its
     # working state: the functionalizer, module calls, the mode
-    from aliasscope.mutation import Functionalizer
-    from aliasscope.recording.tracer import _Call, _RecordMode
+    from aliasscope._mutation import Functionalizer
+    from aliasscope._recording.tracer import _Call, _RecordMode
 
     tracer_types = (Tracer, Functionalizer, _Call, _RecordMode)
     found = [

@@ -22,15 +22,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from PIL import Image
 from torch import nn
 
-from aliasscope import plots
-from aliasscope.cli import _print_summary, main
-from aliasscope.decomposition import decompose
-from aliasscope.lie import EquivarianceMetrics
-from aliasscope.report import (
+from aliasscope import _plots as plots
+from aliasscope._report import (
     SHARE_DEFINITION,
     advice,
     check_failures,
@@ -38,6 +35,9 @@ from aliasscope.report import (
     per_image_rows,
     render_report,
 )
+from aliasscope.cli import _print_summary, main
+from aliasscope.decomposition import decompose
+from aliasscope.lie import EquivarianceMetrics
 from aliasscope.spectrum import Spectrum, spectral
 
 matplotlib.use("Agg")

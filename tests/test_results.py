@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import random_images, smooth_cnn
+from helpers import random_images, smooth_cnn
 from matplotlib.figure import Figure
 from torch import nn
 
 import aliasscope as asc
+from aliasscope._report import convergence_verdict
 from aliasscope.comparison import Comparison, compare, predict, top1
 from aliasscope.decomposition import Decomposition
 from aliasscope.diagnosis import Diagnosis
 from aliasscope.lie import EquivarianceMetrics
-from aliasscope.report import convergence_verdict
 from aliasscope.results import Result
 from aliasscope.spectrum import Spectrum, alias_of
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_images
+from helpers import random_images
 
 from aliasscope.spectrum import (
     alias_ratio,

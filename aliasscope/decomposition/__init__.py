@@ -29,10 +29,10 @@ attributed scalar), :mod:`.forward` (the recorded forward, inner products), :mod
 batches), :mod:`.self_checks` (``CHECKS``, ``TOLERANCES``), :mod:`.result` (``Decomposition``).
 """
 
-from .api import decompose
-from .local import local_lie_derivative
-from .result import Decomposition
-from .self_checks import CHECKS, FD_TOLERANCE, TOLERANCES, SelfCheckWarning
+from ._api import decompose
+from ._local import local_lie_derivative
+from ._result import Decomposition
+from ._self_checks import CHECKS, FD_TOLERANCE, TOLERANCES, SelfCheckWarning
 
 __all__ = [
     "decompose",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .settings import Target
+from ._settings import Target
 
 
 def per_image(target: Target | None, n: int) -> bool:

@@ -18,7 +18,7 @@ every kind its results hold, registered ones in registry order.
 
 The report figures are at most :data:`FIGURE_WIDTH` inches wide with no text below
 :data:`MIN_FONT_PT` points, so that, shown at the width of a page, no label is tiny. "Share" is
-:data:`aliasscope.report.SHARE_DEFINITION` everywhere, shown in %.
+:data:`aliasscope._report.SHARE_DEFINITION` everywhere, shown in %.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._report import CONVERGENCE_TOLERANCE, convergence_verdict
 from .kinds import KIND_COLOURS, kind_colour, kind_order
-from .report import CONVERGENCE_TOLERANCE, convergence_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -607,7 +607,7 @@ def plot_convergence(
     """Convergence of the alias ratio in the upsampling factor: (a) each pointwise op's alias ratio
     at ``spectrum.upsample`` and at every convergence factor measured (log scale), (b) its relative
     change ``|a_s - a_u| / a_u`` against the factor used, with the tolerance as a dashed line; the
-    title carries the verdict of :func:`aliasscope.report.convergence_verdict` (the same as the
+    title carries the verdict of :func:`aliasscope._report.convergence_verdict` (the same as the
     report's)."""
     import numpy as np
 

@@ -1,4 +1,4 @@
-"""``record(model)``: the entry point of :mod:`aliasscope.recording` (see its docstring)."""
+"""``record(model)``: the entry point of :mod:`aliasscope._recording` (see its docstring)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..checks import check_layouts, check_model, check_units
+from .._checks import check_layouts, check_model, check_units
 from ..layouts import BCHW, Layout
 from .ops import Recording
 from .tracer import Tracer, _RecordMode

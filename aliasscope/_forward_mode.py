@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .mutation import FunctionalMode, without_out
+from ._mutation import FunctionalMode, without_out
 
 __all__ = ["jvp"]
 

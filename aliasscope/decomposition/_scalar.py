@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from ..capture import Recording
 from ..layouts import Layout, infer_layout
-from .forward import bdot, record_forward
-from .local import DCache, is_zero_by_construction, local_terms
-from .result import Attribution
-from .settings import Settings
-from .targets import picker, target_values
+from ._forward import bdot, record_forward
+from ._local import DCache, is_zero_by_construction, local_terms
+from ._result import Attribution
+from ._settings import Settings
+from ._targets import picker, target_values
 
 
 @dataclass

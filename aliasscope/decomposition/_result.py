@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
+from .._checks import selected_ops
 from ..capture import KINDS, Recording
-from ..checks import selected_ops
 from ..layouts import Layout, window_grid
 from ..results import Result
-from .self_checks import CHECKS, FD_TOLERANCE
-from .settings import Settings
+from ._self_checks import CHECKS, FD_TOLERANCE
+from ._settings import Settings
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Decomposition(Result):
         With ``keep_maps=True``: per op, the elementwise product ``dT/dh_out * v_i`` (shaped like the
         op's output), whose sum over non-batch dims is its value.
 
-    :meth:`plot` draws :func:`aliasscope.plots.plot_layer_attribution`.
+    :meth:`plot` draws :func:`aliasscope._plots.plot_layer_attribution`.
     """
 
     default_figure = "plot_layer_attribution"

@@ -13,19 +13,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..borrow import borrowed, check_images
+from .._borrow import borrowed, check_images
+from .._checks import check_finite_output, check_model, names_nonfinite_images
 from ..capture import OpRecord
-from ..checks import check_finite_output, check_model, names_nonfinite_images
 from ..layouts import Layout
 from ..lie import Output
-from .cuda_graph import decompose_graphed, use_cuda_graph
-from .probe import probe_attribution
-from .result import Attribution, Decomposition, make_result
-from .scalar import scalar_attribution
-from .self_checks import self_checks, warn_failed
-from .settings import Settings, Target
-from .targets import per_image
-from .vector import vector_attribution
+from ._cuda_graph import decompose_graphed, use_cuda_graph
+from ._probe import probe_attribution
+from ._result import Attribution, Decomposition, make_result
+from ._scalar import scalar_attribution
+from ._self_checks import self_checks, warn_failed
+from ._settings import Settings, Target
+from ._targets import per_image
+from ._vector import vector_attribution
 
 __all__ = ["decompose"]
 

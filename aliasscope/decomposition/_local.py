@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._forward_mode import jvp
 from ..capture import OpRecord, Recording, _tensors
-from ..forward_mode import jvp
 from ..generators import apply_generator
 from ..layouts import Layout
-from .forward import record_forward
-from .settings import Settings
+from ._forward import record_forward
+from ._settings import Settings
 
 
 class DCache:

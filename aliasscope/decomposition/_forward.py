@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import output_hint
 from ..capture import Recording, record
-from ..checks import output_hint
 from ..layouts import Layout
 from ..lie import lie_derivative
-from .settings import Settings
+from ._settings import Settings
 
 
 def bdot(a: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:

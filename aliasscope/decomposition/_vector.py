@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._forward_mode import jvp
 from ..capture import OpRecord, _tensors
-from ..forward_mode import jvp
-from .forward import whole_output_total
-from .local import last_uses, recorded_local_lie_derivatives
-from .result import Attribution
-from .settings import Settings
+from ._forward import whole_output_total
+from ._local import last_uses, recorded_local_lie_derivatives
+from ._result import Attribution
+from ._settings import Settings
 
 
 def _widen(t: torch.Tensor, start: int, lo: int, hi: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The tracer: a :class:`~torch.overrides.TorchFunctionMode` and module hooks that fill a
-:class:`~aliasscope.recording.ops.Recording` while the model runs.
+:class:`~aliasscope._recording.ops.Recording` while the model runs.
 
 Its state -- the module-call stack, the unit recorded whole, op-name counters, private input aliases,
-the in-place-write :class:`~aliasscope.mutation.Functionalizer`, tensor births -- lives here and dies
+the in-place-write :class:`~aliasscope._mutation.Functionalizer`, tensor births -- lives here and dies
 with it; the recording gets the ops, the activation table and the alias table.
 """
 
@@ -19,9 +19,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._mutation import Functionalizer, as_mutation
 from ..layout_rules import func_name, propagate
 from ..layouts import Layout
-from ..mutation import Functionalizer, as_mutation
 from .classify import _arg_training, _is_eval_batchnorm, _kind_of_call, _kind_of_unit
 from .collapse import collapse
 from .ops import OpRecord, Recording, _tensors
@@ -117,7 +117,7 @@ class Tracer:
     """The recording's working state while the forward runs: the module-call stack, the unit being
     recorded whole, op-name counters, the private input aliases, the in-place-write functionalizer.
 
-    It writes what it sees into its :class:`~aliasscope.recording.ops.Recording` (ops, activations,
+    It writes what it sees into its :class:`~aliasscope._recording.ops.Recording` (ops, activations,
     aliases, input, output); :meth:`finish` collapses regions with unknown layouts and links each op's
     inputs to the ops that produced them. The recording keeps no reference to it.
     """
@@ -481,7 +481,7 @@ class Tracer:
     # -- after the forward -----------------------------------------------------------------------
     def finish(self, output: Any) -> None:
         """Hand the final op list over: regions with unknown layouts collapsed into one op each
-        (:func:`~aliasscope.recording.collapse.collapse`), then every op's producer links."""
+        (:func:`~aliasscope._recording.collapse.collapse`), then every op's producer links."""
         self.rec.output = output
         ops = collapse(self)
         if ops is not None:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..forward_mode import jvp  # torch.func.jvp, without torch's first-use jit.script warnings
+from .._forward_mode import jvp  # torch.func.jvp, without torch's first-use jit.script warnings
 from ..lie import finite_difference, lie_derivative
-from .settings import Settings
+from ._settings import Settings
 
 if TYPE_CHECKING:
-    from .result import Attribution, Decomposition
+    from ._result import Attribution, Decomposition
 
 CHECKS: dict[str, str] = {
     "completeness": "||total - sum_i c_i|| / max(||total||, ||sum_i |c_i| ||): the ops account for the total",

@@ -1,10 +1,10 @@
 """Checks of the arguments of aliasscope's public functions: one clear error naming the problem and
-the fix, raised at the entry of the function (images are checked by :func:`aliasscope.borrow.check_images`).
+the fix, raised at the entry of the function (images are checked by :func:`aliasscope._borrow.check_images`).
 
 The model output check (:func:`check_finite_output`) is cheap: it looks at the output the analysis
 computes anyway, and only when that holds NaN/inf re-runs one forward pass with temporary hooks to
 name the first module that produced them (the hooks are removed and the model is given back as it
-came, :func:`aliasscope.borrow.borrowed`).
+came, :func:`aliasscope._borrow.borrowed`).
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def raise_nonfinite(
     """Run ``head(model(images))`` again (``batch_size`` images at a time) with temporary forward hooks
     and raise :class:`NonFiniteOutputError` naming the images whose output holds NaN/inf and the first
     module that produced non-finite values. Returns (raises nothing) if the outputs are finite."""
-    from .borrow import borrowed
+    from ._borrow import borrowed
 
     paths = {id(m): p for p, m in model.named_modules()}
     found: list[str] = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int
+from ._checks import check_int
 from .layouts import BCHW, Layout
 from .spectrum import downsample, upsample
 

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .forward import bdot, whole_output_total
-from .local import recorded_local_lie_derivatives
-from .result import Attribution
-from .settings import Settings
+from ._forward import bdot, whole_output_total
+from ._local import recorded_local_lie_derivatives
+from ._result import Attribution
+from ._settings import Settings
 
 
 def probe_attribution(model: nn.Module, images: torch.Tensor, settings: Settings) -> Attribution:

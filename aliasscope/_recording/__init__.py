@@ -18,7 +18,7 @@ buffers) are not ops: a parameter enters the analysis where it meets an activati
 embedding add is where the embedding breaks equivariance).
 
 In-place writes (``ReLU(inplace=True)``, ``x += y``, ``x.mul_(g)``, ``x[i] = v``, ``out=``, writes
-through views) are recorded in functional form (:mod:`aliasscope.mutation`): the new value is computed
+through views) are recorded in functional form (:mod:`aliasscope._mutation`): the new value is computed
 into a new tensor, recorded as an op, and every later read of the written tensor -- or of a view
 sharing its memory, or of the base a written view belongs to -- is redirected to its current value.
 Recorded activations keep their values, and the recorded program computes exactly what the model
@@ -32,11 +32,11 @@ layers, per-channel scales), ``token_mixing`` (MLPs across tokens, as in MLP-Mix
 ``block`` (a module recorded whole) and ``other``; each is a record of the registry
 :mod:`aliasscope.kinds`, which also holds the function names that mean it.
 
-The package has one job per module: :mod:`~aliasscope.recording.ops` (the recorded data,
-:class:`OpRecord` and :class:`Recording`, and the queries on it), :mod:`~aliasscope.recording.tracer`
+The package has one job per module: :mod:`~aliasscope._recording.ops` (the recorded data,
+:class:`OpRecord` and :class:`Recording`, and the queries on it), :mod:`~aliasscope._recording.tracer`
 (the torch-function mode and module hooks that fill a recording, with all their working state),
-:mod:`~aliasscope.recording.collapse` (regions with unknown layouts recorded as one op),
-:mod:`~aliasscope.recording.classify` (the kind of each op) and :mod:`~aliasscope.recording.api`
+:mod:`~aliasscope._recording.collapse` (regions with unknown layouts recorded as one op),
+:mod:`~aliasscope._recording.classify` (the kind of each op) and :mod:`~aliasscope._recording.api`
 (:func:`record`). :mod:`aliasscope.capture` is the stable import path for all of it.
 """
 

@@ -133,7 +133,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 class Recording:
     """What :func:`~aliasscope.record` saw: the ops in call order, with their layouts and activations.
 
-    Plain data, filled in by the tracer (:mod:`aliasscope.recording.tracer`) while the forward runs and
+    Plain data, filled in by the tracer (:mod:`aliasscope._recording.tracer`) while the forward runs and
     final once the ``with`` block ends; the tracer's working state is not kept here.
 
     Attributes

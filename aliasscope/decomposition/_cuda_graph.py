@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..borrow import borrowed
-from .result import Attribution, Decomposition, make_result
-from .scalar import ScalarPass, scalar_pass
-from .self_checks import self_checks
-from .settings import Settings
-from .targets import class_indices, describe, per_image, picker
+from .._borrow import borrowed
+from ._result import Attribution, Decomposition, make_result
+from ._scalar import ScalarPass, scalar_pass
+from ._self_checks import self_checks
+from ._settings import Settings
+from ._targets import class_indices, describe, per_image, picker
 
 
 def use_cuda_graph(settings: Settings, images: torch.Tensor) -> bool:
