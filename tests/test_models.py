@@ -169,9 +169,11 @@ def test_package_without_weight_file(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 # --------------------------------------------------------------------------------------------------
 
 
-def test_unbundled_timm_model_warns_random_weights() -> None:
-    with pytest.warns(UserWarning, match="RANDOM"):
-        model, preprocess = load_model("resnet18")
+def test_unbundled_timm_model_is_never_silently_random() -> None:
+    """Offline (the suite sets HF_HUB_OFFLINE=1) and not cached: an error, not random weights."""
+    with pytest.raises(MissingWeightsError, match="'resnet18' are not in the local cache"):
+        load_model("resnet18")
+    model, preprocess = load_model("resnet18", pretrained=False)
     assert not model.training
     cfg = timm.get_pretrained_cfg("resnet18")
     assert preprocess.crop == cfg.input_size[-1]
