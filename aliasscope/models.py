@@ -781,6 +781,23 @@ def _load_transformers_source(spec: str, pretrained: bool, arch: str | None) -> 
     return Loaded(ClassifierLogits(hf), _preprocess_from_image_processor(processor), weights)
 
 
+# -- python:package.module:factory (a model of your own, for the CLI) -------------------------------
+
+
+def _load_python_source(spec: str, pretrained: bool, arch: str | None) -> Loaded:
+    import importlib
+
+    module_name, _, factory = spec.split(":", 1)[1].partition(":")
+    if not module_name or not factory:
+        raise ValueError(f"{spec!r}: write python:package.module:factory (a callable returning the model)")
+    model = getattr(importlib.import_module(module_name), factory)()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return Loaded(
+        model, Preprocess(256, 224, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"), f"python {spec[7:]}"
+    )
+
+
 for _source in (
     ModelSource(
         "checkpoint",
@@ -817,6 +834,13 @@ for _source in (
         "resnet50.a1_in1k",
         _claims_timm,
         _load_timm_source,
+    ),
+    ModelSource(
+        "python",
+        "a model of your own: python:package.module:factory, called with no arguments (ImageNet preprocess)",
+        "python:my_models.nets:build",
+        _prefixed("python:"),
+        _load_python_source,
     ),
 ):
     register_source(_source)

@@ -54,7 +54,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_every_source_claims_its_own_example():
-    assert list(models.SOURCES) == ["checkpoint", "torchvision", "transformers", "bundled", "timm"]
+    assert list(models.SOURCES) == ["checkpoint", "torchvision", "transformers", "bundled", "timm", "python"]
     for name, source in models.SOURCES.items():
         assert model_source(source.example).name == name
 
@@ -247,3 +247,26 @@ def test_diagnose_cli_on_torchvision_and_transformers_models(tmp_path, torch_hub
         argv = ["diagnose", "--model", spec, "--no-pretrained", "--images", str(images)]
         assert main([*argv, "--transforms", "translate_x", "--quiet", *LEAN, "--out", str(out)]) == 0
         assert (out / "summary.json").is_file()
+
+
+# -- python:package.module:factory ---------------------------------------------------------------
+
+
+def test_a_model_of_your_own_through_python_source(tmp_path, monkeypatch):
+    (tmp_path / "my_nets.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    nn = torch.nn\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "def not_a_model():\n"
+        "    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model, preprocess = load_model("python:my_nets:build")
+    assert weights_source(model) == "python my_nets:build" and preprocess.crop == 224
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+    with pytest.raises(TypeError, match="returned int, not a torch.nn.Module"):
+        load_model("python:my_nets:not_a_model")
+    with pytest.raises(ValueError, match="write python:package.module:factory"):
+        load_model("python:my_nets")
