@@ -420,14 +420,19 @@ def _layer_tables(summary: dict[str, Any], failed: bool = False) -> str:
     rows = []
     for t, part in layer.items():
         err = part["completeness_error"]
-        ok = err == err and err < 1e-4
+        mass = part.get("completeness_error_mass", err)
+        ok = mass == mass and mass < 1e-4
         verdict = "exact" if ok else "CHECK"
-        rows.append({"transform": t, "ops": part["num_ops"], "error": err, "verdict": verdict})
+        row = {"transform": t, "ops": part["num_ops"], "error": err, "mass": mass, "verdict": verdict}
+        rows.append(row)
     out.append(
         "<p class='caption'>The per-op contributions must add up to the end-to-end Lie derivative, "
-        "computed separately: relative error ||total &minus; &Sigma; ops|| / ||total||.</p>"
+        "computed separately: ||total &minus; &Sigma; ops|| relative to ||total||, and relative to "
+        "max(||total||, ||&Sigma; |ops| ||), which stays meaningful when the total cancels (an invariant "
+        "net); the verdict reads the second, as the self-check does.</p>"
     )
-    columns = [("transform", "transform"), ("ops", "ops"), ("error", "relative error"), ("verdict", "")]
+    columns = [("transform", "transform"), ("ops", "ops"), ("error", "of |total|")]
+    columns += [("mass", "of Σ |c_i|"), ("verdict", "")]
     out.append(_table(rows, columns))
     if failed:
         out.append("<p class='bad'>Self-check failed: shares by kind and the Top ops ranking left out.</p>")

@@ -236,6 +236,7 @@ class Diagnosis(Result):
                 "passed": d.passed,
                 "failures": d.failures(),
                 "completeness_error": d.completeness_error,
+                "completeness_error_mass": d.completeness_error_mass,
                 "num_ops": d.num_ops,
                 "target": d.target,
                 "by_kind": d.by_kind(),

@@ -14,7 +14,7 @@ from torch import nn
 
 from aliasscope._resampling import resample
 from aliasscope.capture import record
-from aliasscope.decomposition import decompose, local_lie_derivative
+from aliasscope.decomposition import Decomposition, decompose, local_lie_derivative
 from aliasscope.generators import apply_generator
 from aliasscope.lie import lie_derivative
 
@@ -410,3 +410,32 @@ def test_modules_on_parameters_only_are_constants_not_ops() -> None:
     assert "pos" not in d.names
     assert d.kinds[d.names.index("add")] == "position_embed"
     assert d.completeness_error < 1e-12
+
+
+class _Cancelling(torch.nn.Module):
+    """Two identical branches subtracted: the output is exactly 0 (invariant), each branch is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.GELU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.GELU())
+        self.b.load_state_dict(self.a.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x) - self.b(x)).mean((2, 3))
+
+
+def test_completeness_relative_to_the_contributions_when_the_total_cancels():
+    """Issue 16 item 4: total 0 with contributions of 1e-2 that cancel; the error relative to
+    max(|total|, sum |c_i|) stays at rounding while the one relative to |total| means nothing."""
+    model = _Cancelling().double().eval()
+    dec = decompose(model, random_images(2, h=16, w=16), "translate_x", target=0)
+    assert dec.total.abs().max().item() == 0.0
+    assert dec.values.abs().sum(0).min().item() > 1e-3
+    assert dec.completeness_error_mass <= 1e-14
+    assert dec.mass_norm > 1e-3 and dec.residual_norm <= 1e-16
+    assert "of sum |c_i|" in dec.summary()
+    both = Decomposition.concat([dec, dec])
+    assert both.mass_norm == pytest.approx(dec.mass_norm * 2**0.5, rel=1e-12)
+    assert both.completeness_error_mass <= 1e-14

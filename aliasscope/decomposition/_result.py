@@ -3,7 +3,9 @@
 A method (:mod:`.scalar`, :mod:`.vector`, :mod:`.probe`) computes an :class:`Attribution` of every
 recorded op; :func:`make_result` keeps the selected ops' rows and puts what the others contribute
 into ``unattributed = total - sum_(selected i) c_i``, with the completeness error
-``||total - sum_(all i) c_i|| / ||total||``.
+``||total - sum_(all i) c_i|| / ||total||`` and, for totals that cancel (an exactly invariant net has
+total 0 while its contributions do not), the same residual relative to
+``max(||total||, || sum_i |c_i| ||)`` (:attr:`Decomposition.completeness_error_mass`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Decomposition(Result):
         ``select``, and any error).
     completeness_error:
         ``||total - sum over all recorded ops|| / ||total||``: 0 to float precision when exact.
+    residual_norm, mass_norm:
+        ``||total - sum_i c_i||`` and ``|| sum_i |c_i| ||`` (norms over images, all recorded ops):
+        :attr:`completeness_error_mass` is their ratio to ``max(||total||, mass_norm)``, meaningful
+        when the total cancels; the summary shows both, the self-check tests the second.
     maps:
         With ``keep_maps=True``: per op, the elementwise product ``dT/dh_out * v_i`` (shaped like the
         op's output), whose sum over non-batch dims is its value.
@@ -66,6 +72,14 @@ class Decomposition(Result):
     layout_objects: list[Layout] = field(default_factory=list, repr=False)
     checks: dict[str, float] = field(default_factory=dict)
     tolerance: float = math.nan
+    residual_norm: float = math.nan
+    mass_norm: float = math.nan
+
+    @property
+    def completeness_error_mass(self) -> float:
+        """``||total - sum_i c_i|| / max(||total||, || sum_i |c_i| ||)`` (NaN for the probe estimator)."""
+        scale = max(self.total.double().norm().item(), self.mass_norm)
+        return self.residual_norm / scale if scale > 0 else (0.0 if self.residual_norm == 0 else math.inf)
 
     @property
     def passed(self) -> bool:
@@ -161,7 +175,8 @@ class Decomposition(Result):
             f"Lie derivative decomposition: {self.transform}, {self.generator} generator, "
             f"target {self.target}, {self.values.shape[1]} images, {self.num_ops} ops",
             f"total (mean over images) {self.total.mean().item():+.4e}; completeness error "
-            f"{self.completeness_error:.2e}; unattributed (mean) {self.unattributed.mean().item():+.3e}",
+            f"{self.completeness_error:.2e} of |total| ({self.completeness_error_mass:.2e} of sum |c_i|); "
+            f"unattributed (mean) {self.unattributed.mean().item():+.3e}",
             "share by kind:",
         ]
         for kind, row in self.by_kind().items():
@@ -191,6 +206,8 @@ class Decomposition(Result):
             total=total,
             unattributed=torch.cat([p.unattributed for p in parts]),
             completeness_error=err,
+            residual_norm=math.sqrt(sum(p.residual_norm**2 for p in parts)),
+            mass_norm=math.sqrt(sum(p.mass_norm**2 for p in parts)),
             transform=first.transform,
             generator=first.generator,
             output=first.output,
@@ -216,6 +233,7 @@ class Decomposition(Result):
             "total": self.total.tolist(),
             "unattributed": self.unattributed.tolist(),
             "completeness_error": self.completeness_error,
+            "completeness_error_mass": self.completeness_error_mass,
             "checks": dict(self.checks),
             "tolerance": self.tolerance,
             "passed": self.passed,
@@ -285,8 +303,10 @@ def make_result(
     ops = att.rec.ops
     if att.summed is not None:
         err = ((att.total - att.summed).norm() / att.total.norm().clamp_min(1e-300)).item()
-    else:
-        err = float("nan")  # an estimator of norms cannot be summed back to the total
+        residual = (att.total - att.summed).double().norm().item()
+        mass = att.values.abs().sum(0).double().norm().item()
+    else:  # an estimator of norms cannot be summed back to the total
+        err = residual = mass = float("nan")
     keep = selected_ops(ops, s.select)
     kept = att.values[keep]
     extra = dict(att.extra)
@@ -310,6 +330,8 @@ def make_result(
         total=att.total,
         unattributed=unattributed,
         completeness_error=err if math.isfinite(err) else float("nan"),
+        residual_norm=residual,
+        mass_norm=mass,
         transform=s.transform,
         generator=s.generator,
         output=s.output if isinstance(s.output, str) else "custom",
