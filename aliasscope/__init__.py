@@ -39,7 +39,7 @@ from ._resampling import resample
 from .capture import KINDS, OpRecord, Recording, record
 from .comparison import Comparison, compare
 from .data import ImageBatch, load_images
-from .decomposition import Decomposition, decompose
+from .decomposition import Decomposition, SelfCheckWarning, decompose
 from .diagnosis import Diagnosis, diagnose
 from .figures import register_figure
 from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
@@ -91,6 +91,7 @@ __all__ = [
     "register_kind",
     "decompose",
     "Decomposition",
+    "SelfCheckWarning",
     # the whole diagnosis (what `aliasscope diagnose` runs)
     "diagnose",
     "Diagnosis",

@@ -12,6 +12,7 @@ import torch
 from helpers import IMAGENET_SAMPLE, random_images, smooth_cnn
 from torch import nn
 
+import aliasscope as asc
 from aliasscope._resampling import resample
 from aliasscope.capture import record
 from aliasscope.decomposition import Decomposition, decompose, local_lie_derivative
@@ -439,3 +440,28 @@ def test_completeness_relative_to_the_contributions_when_the_total_cancels():
     both = Decomposition.concat([dec, dec])
     assert both.mass_norm == pytest.approx(dec.mass_norm * 2**0.5, rel=1e-12)
     assert both.completeness_error_mass <= 1e-14
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.act = torch.nn.Tanh()
+        self.head = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x + self.act(self.conv(x))).mean((2, 3)))
+
+
+def test_a_lost_layout_is_reported_as_a_leak():
+    """Issue 16 item 3: forcing a grid tensor to INVARIANT books the conv's error on the residual add:
+    completeness still holds (the sum is right), the leak check fails loudly."""
+    model, x = _Residual().double().eval(), random_images(2, h=16, w=16)
+    honest = decompose(model, x, "translate_x")
+    assert honest.passed and honest.leak <= 1e-14 and honest.checks["leak"] <= 1e-14
+    with pytest.warns(asc.SelfCheckWarning, match="leak"):
+        broken = decompose(model, x, "translate_x", layouts={"act": asc.INVARIANT})
+    assert broken.completeness_error <= 1e-12  # the sum cannot see it
+    assert broken.leak > 1e-3 and not broken.passed
+    assert broken.by_kind()["residual"]["share"] == pytest.approx(broken.leak, rel=1e-9)

@@ -21,7 +21,7 @@ from .._checks import selected_ops
 from ..capture import KINDS, Recording
 from ..layouts import Layout, window_grid
 from ..results import Result
-from ._self_checks import CHECKS, FD_TOLERANCE
+from ._self_checks import CHECKS, FD_TOLERANCE, LEAK_KINDS, LEAK_TOLERANCE
 from ._settings import Settings
 
 
@@ -76,6 +76,17 @@ class Decomposition(Result):
     mass_norm: float = math.nan
 
     @property
+    def leak(self) -> float:
+        """Share of ``sum_i |c_i|`` on ops that contribute exactly 0 when every layout is known: data
+        movement (kind ``layout``) and residual adds (``D(a + b) = D a + D b``). Above rounding it
+        means a layout was lost and part of some op's error is booked on the wrong op."""
+        mass = self.values.abs().sum()
+        if not mass > 0:
+            return 0.0
+        rows = [i for i, kind in enumerate(self.kinds) if kind in LEAK_KINDS]
+        return (self.values[rows].abs().sum() / mass).item() if rows else 0.0
+
+    @property
     def completeness_error_mass(self) -> float:
         """``||total - sum_i c_i|| / max(||total||, || sum_i |c_i| ||)`` (NaN for the probe estimator)."""
         scale = max(self.total.double().norm().item(), self.mass_norm)
@@ -91,7 +102,9 @@ class Decomposition(Result):
     def limit(self, check: str) -> float:
         """The tolerance of one check: :attr:`tolerance`, at least :data:`FD_TOLERANCE` for finite
         differences (their own error is ~1e-8 to 1e-7 relative in float64)."""
-        return max(self.tolerance, FD_TOLERANCE) if check == "total_vs_fd" else self.tolerance
+        if check == "total_vs_fd":
+            return max(self.tolerance, FD_TOLERANCE)
+        return max(self.tolerance, LEAK_TOLERANCE) if check == "leak" else self.tolerance
 
     def failures(self) -> list[str]:
         """One line per failed self-check (empty when all passed)."""

@@ -3,8 +3,10 @@
 ``completeness`` compares the total with the sum of the contributions (zero to float precision when
 no computation between input and output escaped the recording). ``total_vs_jvp`` compares the total,
 which the exact scalar pass reads off its own backward, with ``dT/dF . L_X F`` from an independent
-forward-mode jvp of the model as written; ``total_vs_fd`` with float64 finite differences. A result
-that fails one warns (:class:`SelfCheckWarning`): its numbers are not a finding.
+forward-mode jvp of the model as written; ``total_vs_fd`` with float64 finite differences. ``leak``
+is the share booked on ops that contribute exactly 0 when every layout is known (a lost layout
+mis-attributes, which completeness cannot see). A result that fails one warns
+(:class:`SelfCheckWarning`): its numbers are not a finding.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ CHECKS: dict[str, str] = {
     "completeness": "||total - sum_i c_i|| / max(||total||, ||sum_i |c_i| ||): the ops account for the total",
     "total_vs_jvp": "||total - L_jvp|| / max(||total||, ||L_jvp||), L_jvp the Lie derivative of the same "
     "target by an independent forward-mode jvp of the model as written",
+    "leak": "share of sum_i |c_i| on data movement and residual adds, which contribute exactly 0 when "
+    "every layout is known: above rounding, a layout was lost and some error is booked on the wrong op",
     "total_vs_fd": "||total - L_fd|| / max(||total||, ||L_fd||), L_fd by float64 finite differences "
     "(Richardson-extrapolated) of the model as written, on a float64 copy (verify='fd')",
 }
@@ -52,6 +56,21 @@ def _relative(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float | No
     return 0.0 if den == 0 else (a - b).norm().item() / den
 
 
+LEAK_KINDS = ("layout", "residual")
+"""Kinds whose ops contribute exactly 0 when their inputs' layouts are known."""
+
+LEAK_TOLERANCE = 1e-6
+"""Smallest tolerance of the leak check (in float64 a leak-free net measures ~1e-16 to 1e-14)."""
+
+
+def leak_share(att: Attribution) -> float:
+    """``sum_(i in layout, residual) |c_i| / sum_i |c_i|`` over all recorded ops and images."""
+    values = att.values.double().abs()
+    mass = values.sum().item()
+    rows = [i for i, op in enumerate(att.rec.ops) if op.kind in LEAK_KINDS]
+    return values[rows].sum().item() / mass if rows and mass > 0 else 0.0
+
+
 def self_checks(
     model: nn.Module, images: torch.Tensor, settings: Settings, att: Attribution
 ) -> tuple[dict[str, float], float]:
@@ -67,6 +86,8 @@ def self_checks(
     if att.summed is not None:
         scale = att.values.abs().sum(0).double().norm().item()
         checks["completeness"] = _relative(att.total, att.summed, scale)
+    if not att.estimator:
+        checks["leak"] = leak_share(att)
     if s.verify is None:
         return checks, tolerance
 
