@@ -245,6 +245,23 @@ def pick_input(name: str, model: Any, small: bool, dtype: Any, device: str) -> A
     raise AssertionError("unreachable")
 
 
+def too_large(name: str, module: str, max_params: float, row: dict[str, Any]) -> bool:
+    """Whether ``name`` has more than ``max_params`` parameters, counted on a meta-device build (no
+    memory, no init); its params and family group go into ``row``. False when the meta build fails
+    (the real build then decides)."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:
+        return False
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["family_group"] = family_group(model, module)
+    return row["params"] > max_params
+
+
 def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
     """Build ``name`` and run every stage, calling ``report(row)`` after each (the row so far)."""
     import timm
@@ -262,13 +279,13 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
     row["stage"] = "create"
     report(row)
     try:
-        model = timm.create_model(name, pretrained=False).eval()
-        row["params"] = sum(p.numel() for p in model.parameters())
-        row["family_group"] = family_group(model, module)
-        if row["params"] > opts["max_params"]:
+        if too_large(name, module, opts["max_params"], row):
             row["status"], row["done"] = "skipped-too-large", True
             report(row)
             return
+        model = timm.create_model(name, pretrained=False).eval()
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row["family_group"] = family_group(model, module)
         undo_zero_init(model)
         model = model.to(device=device, dtype=dtype)
         x = pick_input(name, model, opts["small"], dtype, device)
