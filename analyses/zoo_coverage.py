@@ -396,7 +396,8 @@ def sweep(archs: list[str], opts: dict[str, Any], timeout: float, out: Path) -> 
     for k, name in enumerate(archs):
         row = run_one(name, opts, timeout)
         append_row(out, row)
-        counts["ok" if row["status"] == "ok" else "failed"] += 1
+        status = row["status"]
+        counts[status if status in ("ok", "skipped-too-large") else "failed"] += 1
         msg = f"{name}: {row['status']} ({row.get('seconds', 0):.0f} s)"
         bar(k + 1, counts, len(archs) - k - 1, msg)
 
@@ -409,7 +410,8 @@ def _progress(total: int) -> Callable[[int, Counter[str], int, str], None]:
     if tqdm is None:
 
         def line(done: int, counts: Counter[str], left: int, msg: str) -> None:
-            tally = f"ok {counts['ok']} failed {counts['failed']} left {left}"
+            skipped = counts["skipped-too-large"]
+            tally = f"ok {counts['ok']} failed {counts['failed']} skipped {skipped} left {left}"
             print(f"[{done}/{total}] {tally}  {msg}", flush=True)
 
         return line
@@ -417,7 +419,7 @@ def _progress(total: int) -> Callable[[int, Counter[str], int, str], None]:
 
     def update(done: int, counts: Counter[str], left: int, msg: str) -> None:
         bar.update(1)
-        bar.set_postfix(ok=counts["ok"], failed=counts["failed"])
+        bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=counts["skipped-too-large"])
         bar.write(msg)
 
     return update
