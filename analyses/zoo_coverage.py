@@ -80,6 +80,7 @@ import multiprocessing as mp
 import os
 import re
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -366,18 +367,20 @@ def run_one(name: str, opts: dict[str, Any], timeout: float) -> dict[str, Any]:
     child.close()
     row: dict[str, Any] = {"architecture": name}
     deadline = start + timeout
-    while (left := deadline - time.perf_counter()) > 0:
-        if parent.poll(min(left, 1.0)):
-            try:
-                row = parent.recv()
-            except EOFError:  # the subprocess ended
+    try:
+        while (left := deadline - time.perf_counter()) > 0:
+            if parent.poll(min(left, 1.0)):
+                try:
+                    row = parent.recv()
+                except EOFError:  # the subprocess ended
+                    break
+            elif not proc.is_alive():
                 break
-        elif not proc.is_alive():
-            break
-    timed_out = proc.is_alive()
-    if timed_out:
-        proc.kill()
-    proc.join()
+    finally:  # also on SIGTERM / Ctrl-C of the sweep: leave no subprocess behind
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.kill()
+        proc.join()
     stage = row.pop("stage", "create")
     if not row.pop("done", False):
         if timed_out:
@@ -488,11 +491,16 @@ def _distribution(rows: list[dict[str, str]]) -> str:
 
 
 def _top_errors(rows: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
-    """Distinct error messages (architecture-specific numbers and names kept), most frequent first."""
+    """Distinct error messages, most frequent first; a message that several stages of one architecture
+    raised (a capture failure repeats in decompose and spectral) counts once, as ``stage/stage: msg``."""
     found: dict[str, list[str]] = defaultdict(list)
     for r in rows:
+        stages: dict[str, list[str]] = defaultdict(list)
         for msg in filter(None, r["error"].split(" | ")):
-            found[msg].append(r["architecture"])
+            stage, _, text = msg.partition(": ")
+            stages[text].append(stage)
+        for text, where in stages.items():
+            found[f"{'/'.join(where)}: {text}"].append(r["architecture"])
     return sorted(found.items(), key=lambda kv: -len(kv[1]))
 
 
@@ -514,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in each subprocess")
     p.add_argument("--summary", action="store_true", help="print a markdown summary of --out and exit")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run run_one's cleanup
     if args.summary:
         print(summary(read_rows(args.out)))
         return
