@@ -55,22 +55,22 @@ def model_and_images(
             print(f"skip {name}: {err}")
             return None
     if not pretrained:
-        # timm zero-inits some heads, and the last BatchNorm of each residual block (resnets'
-        # zero_init_last), which switches every residual branch off: undo both at random init
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        if isinstance(head, nn.Linear) and head.weight.abs().max() == 0:
-            torch.manual_seed(0)
-            nn.init.normal_(head.weight, std=0.02)
-        with torch.no_grad():
-            for m in model.modules():
-                if (
-                    isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and m.weight is not None
-                    and not m.weight.any()
-                ):
-                    m.weight.fill_(1.0)
+        undo_zero_init(model)
     batch = load_images(images, pre, limit=num, every=spread(images, num))
     return model, batch.images.to(device), batch.labels, pre
+
+
+def undo_zero_init(model: nn.Module) -> None:
+    """Undo timm's zero inits at random init: a zero classifier head, and the zero last BatchNorm
+    of each residual block (resnets' zero_init_last), which switches every residual branch off."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear) and head.weight.abs().max() == 0:
+        torch.manual_seed(0)
+        nn.init.normal_(head.weight, std=0.02)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.any():
+                m.weight.fill_(1.0)
 
 
 def each_model(
