@@ -55,10 +55,9 @@ completeness
     The decomposition's ``completeness_error`` (``||total - sum_i c_i|| / ||total||``), the larger
     of the two transforms.
 leak
-    PROVISIONAL (a later change will make the library report it): the share of ``sum_i |c_i|`` on ops
-    of kinds ``layout`` and ``residual`` (ops that only move data, and residual adds, which should
-    carry no Lie derivative of their own), from :meth:`Decomposition.by_kind`; the larger of the two
-    transforms.
+    :attr:`Decomposition.leak`: the share of ``sum_i |c_i|`` on ops of kinds ``layout`` and
+    ``residual`` (ops that only move data, and residual adds, which carry no Lie derivative of their
+    own when every layout is known); the larger of the two transforms.
 seconds
     Wall-clock seconds of the architecture's subprocess work (model build included).
 peak_mem_mb
@@ -307,8 +306,7 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         for t in TRANSFORMS:
             d = asc.decompose(model, x, t, target="pred", output="logits", verify=None)
             errs.append(d.completeness_error)
-            kinds = d.by_kind()
-            leaks.append(sum(kinds[k]["share"] for k in LEAK_KINDS if k in kinds))
+            leaks.append(d.leak)
         row["completeness"] = max(errs, key=lambda e: e if math.isfinite(e) else math.inf)
         row["leak"] = max(leaks)
 

@@ -278,7 +278,7 @@ def test_a_failed_self_check_leaves_no_ranking_and_no_advice(tmp_path: Path, mon
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["checks"]["passed"] is False and summary["checks"]["failures"]
-    assert set(summary["checks"]["ran"]) == {"completeness", "total_vs_jvp"}
+    assert set(summary["checks"]["ran"]) == {"completeness", "leak", "total_vs_jvp"}
     assert "SELF-CHECK FAILED" in printed and "fix --fix" not in printed
     page = (tmp_path / "o" / "report.html").read_text()
     assert "id='self-check-failed'" in page and "<h3>Top ops" not in page and "fix --fix" not in page

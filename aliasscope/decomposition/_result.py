@@ -21,7 +21,7 @@ from .._checks import selected_ops
 from ..capture import KINDS, Recording
 from ..layouts import Layout, window_grid
 from ..results import Result
-from ._self_checks import CHECKS, FD_TOLERANCE, LEAK_KINDS, LEAK_TOLERANCE
+from ._self_checks import CHECKS, FD_TOLERANCE, LEAK_TOLERANCE, can_leak
 from ._settings import Settings
 
 
@@ -74,16 +74,18 @@ class Decomposition(Result):
     tolerance: float = math.nan
     residual_norm: float = math.nan
     mass_norm: float = math.nan
+    leak_ops: list[str] = field(default_factory=list, repr=False)
 
     @property
     def leak(self) -> float:
-        """Share of ``sum_i |c_i|`` on ops that contribute exactly 0 when every layout is known: data
-        movement (kind ``layout``) and residual adds (``D(a + b) = D a + D b``). Above rounding it
-        means a layout was lost and part of some op's error is booked on the wrong op."""
+        """Share of ``sum_i |c_i|`` on ops that contribute exactly 0 when every layout is known
+        (:attr:`leak_ops`: data movement other than indexing, and residual adds, ``D(a + b) = D a +
+        D b``). Above rounding it means a layout was lost and some op's error is booked on the wrong op."""
         mass = self.values.abs().sum()
         if not mass > 0:
             return 0.0
-        rows = [i for i, kind in enumerate(self.kinds) if kind in LEAK_KINDS]
+        names = set(self.leak_ops)
+        rows = [i for i, name in enumerate(self.names) if name in names]
         return (self.values[rows].abs().sum() / mass).item() if rows else 0.0
 
     @property
@@ -221,6 +223,7 @@ class Decomposition(Result):
             completeness_error=err,
             residual_norm=math.sqrt(sum(p.residual_norm**2 for p in parts)),
             mass_norm=math.sqrt(sum(p.mass_norm**2 for p in parts)),
+            leak_ops=first.leak_ops,
             transform=first.transform,
             generator=first.generator,
             output=first.output,
@@ -345,6 +348,7 @@ def make_result(
         completeness_error=err if math.isfinite(err) else float("nan"),
         residual_norm=residual,
         mass_norm=mass,
+        leak_ops=[ops[i].name for i in keep if can_leak(ops[i])],
         transform=s.transform,
         generator=s.generator,
         output=s.output if isinstance(s.output, str) else "custom",

@@ -23,6 +23,7 @@ from ..lie import finite_difference, lie_derivative
 from ._settings import Settings
 
 if TYPE_CHECKING:
+    from ..capture import OpRecord
     from ._result import Attribution, Decomposition
 
 CHECKS: dict[str, str] = {
@@ -63,11 +64,17 @@ LEAK_TOLERANCE = 1e-6
 """Smallest tolerance of the leak check (in float64 a leak-free net measures ~1e-16 to 1e-14)."""
 
 
+def can_leak(op: OpRecord) -> bool:
+    """Ops that contribute exactly 0 when every layout is known: data movement and residual adds,
+    indexing excluded (a crop of the grid has a border of its own: its contribution is real)."""
+    return op.kind in LEAK_KINDS and op.op not in ("getitem", "narrow")
+
+
 def leak_share(att: Attribution) -> float:
-    """``sum_(i in layout, residual) |c_i| / sum_i |c_i|`` over all recorded ops and images."""
+    """``sum_(i that can leak) |c_i| / sum_i |c_i|`` over all recorded ops and images."""
     values = att.values.double().abs()
     mass = values.sum().item()
-    rows = [i for i, op in enumerate(att.rec.ops) if op.kind in LEAK_KINDS]
+    rows = [i for i, op in enumerate(att.rec.ops) if can_leak(op)]
     return values[rows].sum().item() / mass if rows and mass > 0 else 0.0
 
 
