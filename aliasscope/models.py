@@ -586,7 +586,9 @@ _OFFLINE_HINT = (
     "(load_model('weights.pth', arch=...)); pass pretrained=False (--no-pretrained) for random weights"
 )
 
-_DOWNLOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, RuntimeError, ValueError)
+_DOWNLOAD_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+"""What a hub raises for weights neither cached nor downloadable (huggingface_hub's LocalEntryNotFoundError
+and OfflineModeIsEnabled, urllib's URLError, transformers' missing-repo error are all OSErrors)."""
 
 
 def _unavailable(what: str, why: BaseException | str, prefetch: str) -> MissingWeightsError:
