@@ -345,11 +345,14 @@ class Functionalizer:
         if id(of) in self._fresh:
             self._fresh[id(alias)] = self._fresh[id(of)]
 
-    def resolve(self, t: torch.Tensor) -> torch.Tensor:
+    def resolve(self, t: torch.Tensor, _outer: frozenset[int] = frozenset()) -> torch.Tensor:
+        """The current value of ``t``: a view is recomputed from its base's current value when the base
+        was written since (``_outer``: the roots being resolved, so a view whose base chain comes back
+        to itself is not followed forever)."""
         r = self.root(t)
         view = self._views.get(r)
-        if view is not None:
-            base = self.resolve(view.base)
+        if view is not None and r not in _outer:
+            base = self.resolve(view.base, _outer | {r})
             seen = self._count.get(self.root(view.base), 0)
             if seen != view.seen:  # the base was written since: recompute the view from it
                 args, kwargs = view.on(base)

@@ -465,3 +465,14 @@ def test_a_lost_layout_is_reported_as_a_leak():
     assert broken.completeness_error <= 1e-12  # the sum cannot see it
     assert broken.leak > 1e-3 and not broken.passed
     assert broken.by_kind()["residual"]["share"] == pytest.approx(broken.leak, rel=1e-9)
+
+
+def test_a_view_whose_base_resolves_back_to_itself_is_not_followed_forever():
+    """Regression (zoo sweep): mobilevit_xs, cspresnet50d and cs3sedarknet_xdw hit a RecursionError in
+    the in-place functionalizer's view resolution; they decompose exactly, the jvp check agreeing."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xs").double().eval()
+    dec = decompose(model, random_images(1, h=64, w=64), "translate_x")
+    assert dec.passed and dec.completeness_error <= 1e-12
