@@ -436,6 +436,17 @@ def _cat(
 ) -> Layout | None:
     ndim = tensors[0].dim()
     dim = _norm_dim(dim, ndim)
+    last = layouts[-1]
+    earlier = [lay for lay, d in zip(layouts[:-1], dep[:-1], strict=True) if d]
+    if (
+        dep[-1]
+        and last is not None
+        and last.roles is not None
+        and last.roles[dim] == "n"
+        and all(lay is not None and not lay.is_image_like for lay in earlier)
+    ):  # tokens after invariant ones (a class token that attention pooled in a later stage: CaiT, PiT)
+        prefix = sum(t.shape[dim] for t in tensors[:-1])
+        return Layout(last.roles, last.grid, prefix + last.num_prefix)
     known = [lay for lay, d in zip(layouts, dep, strict=True) if d]
     base = next((lay for lay in known if lay is not None and lay.roles is not None), None)
     if base is None or any(lay is None for lay in known):
@@ -719,7 +730,9 @@ def _getitem_rule(call: Call) -> Result:
 @rule("cat", "concat", "concatenate")
 def _cat_rule(call: Call) -> Result:
     """Along a batch or channel dim: the common layout of the image-dependent operands; along tokens:
-    the last operand's grid with everything before it counted as prefix tokens (``cat([cls, x])``).
+    the last operand's grid with everything before it counted as prefix tokens (``cat([cls, x])``, also
+    when the class token already depends on the image but is invariant, as in CaiT's and PiT's later
+    stages).
     Cannot know: operands of different layouts (along b/c), an unknown operand layout, a join along
     a grid dim, tokens whose grid-bearing operand is not last."""
     args, kwargs, inputs = call.args, call.kwargs, call.inputs

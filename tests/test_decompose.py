@@ -476,3 +476,14 @@ def test_a_view_whose_base_resolves_back_to_itself_is_not_followed_forever():
     model = timm.create_model("mobilevit_xs").double().eval()
     dec = decompose(model, random_images(1, h=64, w=64), "translate_x")
     assert dec.passed and dec.completeness_error <= 1e-12
+
+
+def test_class_tokens_joined_again_in_a_later_stage_decompose_exactly():
+    """Zoo sweep: PiT concatenates its (attention-pooled, invariant) class tokens with the grid tokens
+    of each later stage; that cat is token prefixing, so the decomposition is exact and leak-free."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("pit_ti_distilled_224", img_size=64).double().eval()
+    dec = decompose(model, random_images(1, h=64, w=64), "translate_x")
+    assert dec.passed and dec.completeness_error <= 1e-12 and dec.leak <= 1e-12

@@ -259,6 +259,10 @@ CLS = _t(2, 1, 8)
 XSQ_H = _t(2, 4, 4, 4)
 CAT = [
     case("class-token", torch.cat, [CLS, TOK0_T], 1, lays=[CONST, TOK0], expect=TOK1),
+    # a class token that already depends on the image (pooled by attention: CaiT, PiT later stages)
+    case(
+        "pooled-class-token", torch.cat, [CLS, TOK0_T], 1, lays=[Layout(("b", "c", "c")), TOK0], expect=TOK1
+    ),
     case("channels", torch.cat, [X, X], dim=1, lays=[BCHW, BCHW], expect=BCHW),
     case("concat-keyword", torch.concat, tensors=[X, _t(2, 1, 4, 6)], dim=1, lays=[BCHW, CONST], expect=BCHW),
     case("concatenate", torch.concatenate, [TOK, TOK], 0, lays=[TOK1, TOK1], expect=TOK1),
