@@ -345,14 +345,11 @@ class Functionalizer:
         if id(of) in self._fresh:
             self._fresh[id(alias)] = self._fresh[id(of)]
 
-    def resolve(self, t: torch.Tensor, _outer: frozenset[int] = frozenset()) -> torch.Tensor:
-        """The current value of ``t``: a view is recomputed from its base's current value when the base
-        was written since (``_outer``: the roots being resolved, so a view whose base chain comes back
-        to itself is not followed forever)."""
+    def resolve(self, t: torch.Tensor) -> torch.Tensor:
         r = self.root(t)
         view = self._views.get(r)
-        if view is not None and r not in _outer:
-            base = self.resolve(view.base, _outer | {r})
+        if view is not None:
+            base = self.resolve(view.base)
             seen = self._count.get(self.root(view.base), 0)
             if seen != view.seen:  # the base was written since: recompute the view from it
                 args, kwargs = view.on(base)
@@ -421,8 +418,10 @@ class Functionalizer:
                 continue
             base = next((t for t in ins if (t if t._base is None else t._base) is o._base), None)
             r = self.root(o)
-            if base is not None and r not in self._views:
-                source = self.canonical(base)
+            if base is None or r in self._views:
+                continue
+            source = self.canonical(base)
+            if r not in self.lineage(source):  # a view of itself (through aliases) is no view to recompute
                 seen = self._count.get(self.root(source), 0)
                 self._views[r] = _View(o, source, base, func, args, kwargs, k, seen)
 
