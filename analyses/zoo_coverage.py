@@ -3,7 +3,8 @@ end-to-end Lie derivative and the spectral measures?
 
     python analyses/zoo_coverage.py [--small] [--chunk 0/10] [--names 'vit_*'] [--limit K]
         [--timeout 120] [--max-params 100e6] [--device cpu|cuda] [--dtype float64|float32]
-        [--out figures/zoo_coverage/coverage.csv]
+        [--jobs N] [--large-device cuda [--large-dtype float64] [--large-timeout 300] [--large-jobs 1]]
+        [--stop-after SECONDS] [--out figures/zoo_coverage/coverage.csv]
     python analyses/zoo_coverage.py --summary [--out ...]
 
 Each architecture of ``timm.list_models()`` is built at random init (eval mode; timm's zero-init
@@ -20,7 +21,13 @@ on. Stages, each in its own try/except (a failed stage does not stop the later o
 4. ``spectral``: ``aliasscope.spectral(model, x, select="nonlinearity")``.
 
 The sweep is resumable (architectures already in the CSV are skipped) and appends one row per
-finished architecture (flushed and fsynced: a kill loses at most the running one).
+finished architecture (flushed and fsynced: a kill loses at most the running ones). ``--jobs N`` runs
+N architectures at a time (one subprocess each, one torch thread each by default); only the parent
+writes the CSV. ``--large-device cuda`` sends every architecture over ``--max-params`` (those skipped
+in this run and ``skipped-too-large`` rows already in the CSV) to that device, ``--large-jobs`` at a time, in
+``--large-dtype`` (float64 by default, so that completeness stays comparable), and its row replaces
+the skipped one. ``--stop-after S`` starts nothing after S seconds and kills what still runs at S
+(those rows are not written: a later run picks them up), for runs inside a fixed time slot.
 
 Columns of the CSV:
 
@@ -54,6 +61,11 @@ collapsed
 completeness
     The decomposition's ``completeness_error`` (``||total - sum_i c_i|| / ||total||``), the larger
     of the two transforms.
+completeness_mass
+    ``completeness_error_mass``: the same residual relative to ``max(||total||, ||sum_i |c_i| ||)``,
+    meaningful when the total cancels (an exactly invariant random net); the larger of the two
+    transforms. The summary's "exact" share reads this column (rows written before it existed fall
+    back to ``completeness``, an upper bound of it).
 leak
     :attr:`Decomposition.leak`: the share of ``sum_i |c_i|`` on ops of kinds ``layout`` and
     ``residual`` (ops that only move data, and residual adds, which carry no Lie derivative of their
@@ -98,6 +110,7 @@ COLUMNS = [
     "ops",
     "collapsed",
     "completeness",
+    "completeness_mass",
     "leak",
     "seconds",
     "peak_mem_mb",
@@ -283,6 +296,7 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
             row["status"], row["done"] = "skipped-too-large", True
             report(row)
             return
+        torch.manual_seed(0)  # the same random init on every run
         model = timm.create_model(name, pretrained=False).eval()
         row["params"] = sum(p.numel() for p in model.parameters())
         row["family_group"] = family_group(model, module)
@@ -302,12 +316,15 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         row["collapsed"] = sum(op.kind == "block" for op in rec.ops)
 
     def decomposition() -> None:
-        errs, leaks = [], []
+        errs, mass_errs, leaks = [], [], []
         for t in TRANSFORMS:
             d = asc.decompose(model, x, t, target="pred", output="logits", verify=None)
             errs.append(d.completeness_error)
+            mass_errs.append(d.completeness_error_mass)
             leaks.append(d.leak)
-        row["completeness"] = max(errs, key=lambda e: e if math.isfinite(e) else math.inf)
+        worst = lambda e: e if math.isfinite(e) else math.inf  # noqa: E731
+        row["completeness"] = max(errs, key=worst)
+        row["completeness_mass"] = max(mass_errs, key=worst)
         row["leak"] = max(leaks)
 
     def lie() -> None:
@@ -355,8 +372,11 @@ def _peak_mb(device: str, rss0_kb: int) -> float:
 # ------------------------------------------------------------------------------------------- driver
 
 
-def run_one(name: str, opts: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one architecture in a spawned subprocess; the row, with timeout / crash recorded."""
+def run_one(
+    name: str, opts: dict[str, Any], timeout: float, stop_at: float = math.inf
+) -> dict[str, Any] | None:
+    """Run one architecture in a spawned subprocess; the row, with timeout / crash recorded; None when
+    it was still running at ``stop_at`` (a ``time.perf_counter()`` value) and was killed."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=worker, args=(name, opts, child), daemon=True)
@@ -364,7 +384,7 @@ def run_one(name: str, opts: dict[str, Any], timeout: float) -> dict[str, Any]:
     proc.start()
     child.close()
     row: dict[str, Any] = {"architecture": name}
-    deadline = start + timeout
+    deadline = min(start + timeout, stop_at)
     try:
         while (left := deadline - time.perf_counter()) > 0:
             if parent.poll(min(left, 1.0)):
@@ -381,6 +401,8 @@ def run_one(name: str, opts: dict[str, Any], timeout: float) -> dict[str, Any]:
         proc.join()
     stage = row.pop("stage", "create")
     if not row.pop("done", False):
+        if timed_out and time.perf_counter() >= stop_at and start + timeout > stop_at:
+            return None
         if timed_out:
             row["status"], why = "timeout", f"timeout after {timeout:g} s"
         else:
@@ -390,40 +412,116 @@ def run_one(name: str, opts: dict[str, Any], timeout: float) -> dict[str, Any]:
     return row
 
 
-def sweep(archs: list[str], opts: dict[str, Any], timeout: float, out: Path) -> None:
-    """Run every architecture, appending its row to ``out``, with a progress bar."""
+def sweep(
+    archs: list[str],
+    opts: dict[str, Any],
+    timeout: float,
+    out: Path,
+    jobs: int = 1,
+    large: dict[str, Any] | None = None,
+    rerun: Iterable[str] = (),
+    stop_after: float = math.inf,
+) -> None:
+    """Run every architecture, ``jobs`` at a time, writing each finished row to ``out`` (this thread
+    only), with a progress bar. With ``large`` (opts plus ``timeout``), rows skipped as too large in
+    this run, and the architectures ``rerun`` (skipped in an earlier one), are run one at a time with
+    those opts."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    stop_at = time.perf_counter() + stop_after
+    rerun = list(rerun) if large else []
     counts: Counter[str] = Counter()
-    bar = _progress(len(archs))
-    for k, name in enumerate(archs):
-        row = run_one(name, opts, timeout)
-        append_row(out, row)
-        status = row["status"]
-        counts[status if status in ("ok", "skipped-too-large") else "failed"] += 1
-        msg = f"{name}: {row['status']} ({row.get('seconds', 0):.0f} s)"
-        bar(k + 1, counts, len(archs) - k - 1, msg)
+    bar = _progress(len(archs) + len(rerun))
+    with (
+        ThreadPoolExecutor(jobs) as small_pool,
+        ThreadPoolExecutor(large.get("jobs", 1) if large else 1) as large_pool,
+    ):
+
+        def submit_large(name: str) -> Any:
+            return large_pool.submit(run_one, name, large, large["timeout"], stop_at)
+
+        pending = {small_pool.submit(run_one, a, opts, timeout, stop_at): a for a in archs}
+        pending |= {submit_large(a): a for a in rerun}
+        done = 0
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = pending.pop(fut)
+                row = fut.result()
+                if row is None:  # killed at --stop-after: not recorded, picked up by the next run
+                    continue
+                status = row["status"]
+                if large and status == "skipped-too-large" and time.perf_counter() < stop_at:
+                    write_row(out, row)
+                    pending[submit_large(name)] = name
+                    bar.grow(1)
+                    continue
+                write_row(out, row)
+                done += 1
+                counts[status if status in ("ok", "skipped-too-large") else "failed"] += 1
+                bar(
+                    done, counts, f"{name}: {status} ({row.get('seconds', 0):.0f} s, {row.get('device', '')})"
+                )
+            if time.perf_counter() >= stop_at:  # the rest was never started: cancel it
+                for fut in [f for f in pending if f.cancel()]:
+                    pending.pop(fut)
 
 
-def _progress(total: int) -> Callable[[int, Counter[str], int, str], None]:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None:
+def migrate(path: Path) -> None:
+    """Rewrite ``path`` with the current COLUMNS when it was written with others (new columns empty)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), None)
+    if header is None or header == COLUMNS:
+        return
+    rows = read_rows(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    for r in rows:
+        append_row(tmp, r)
+    os.replace(tmp, path)
 
-        def line(done: int, counts: Counter[str], left: int, msg: str) -> None:
-            skipped = counts["skipped-too-large"]
-            tally = f"ok {counts['ok']} failed {counts['failed']} skipped {skipped} left {left}"
-            print(f"[{done}/{total}] {tally}  {msg}", flush=True)
 
-        return line
-    bar = tqdm(total=total, unit="model", dynamic_ncols=True)
+def write_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row``; an earlier row of the same architecture (a size skip now run) is replaced."""
+    rows = read_rows(path)
+    if not any(r["architecture"] == row["architecture"] for r in rows):
+        append_row(path, row)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    for r in rows:
+        append_row(tmp, row if r["architecture"] == row["architecture"] else r)
+    os.replace(tmp, path)
 
-    def update(done: int, counts: Counter[str], left: int, msg: str) -> None:
-        bar.update(1)
-        bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=counts["skipped-too-large"])
-        bar.write(msg)
 
-    return update
+class _progress:  # noqa: N801 (used as a function)
+    """Progress: tqdm when installed, else one line per finished architecture."""
+
+    def __init__(self, total: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.total = total
+        self.bar = tqdm(total=total, unit="model", dynamic_ncols=True) if tqdm is not None else None
+
+    def grow(self, n: int) -> None:
+        self.total += n
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def __call__(self, done: int, counts: Counter[str], msg: str) -> None:
+        skipped = counts["skipped-too-large"]
+        if self.bar is None:
+            tally = f"ok {counts['ok']} failed {counts['failed']} skipped {skipped} left {self.total - done}"
+            print(f"[{done}/{self.total}] {tally}  {msg}", flush=True)
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=skipped)
+        self.bar.write(msg)
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -459,7 +557,14 @@ def summary(rows: list[dict[str, str]], top: int = 10) -> str:
 
 
 def _completeness(rows: Iterable[dict[str, str]]) -> list[float]:
-    return [float(r["completeness"]) for r in rows if r["dtype"] == "float64" and r["completeness"]]
+    """Float64 completeness relative to max(|total|, sum |c_i|); ``completeness`` (an upper bound of
+    it) for rows written before that column existed."""
+    vals = []
+    for r in rows:
+        v = r.get("completeness_mass") or r["completeness"]
+        if r["dtype"] == "float64" and v:
+            vals.append(float(v))
+    return vals
 
 
 def _exact(rows: list[dict[str, str]]) -> str:
@@ -518,6 +623,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float64", "float32"], help="default float64 on CPU, float32 on CUDA")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each subprocess")
+    p.add_argument("--jobs", type=int, default=1, help="architectures run at a time")
+    p.add_argument("--large-device", help="run architectures over --max-params here (e.g. cuda)")
+    p.add_argument("--large-dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--large-timeout", type=float, default=300.0)
+    p.add_argument("--large-jobs", type=int, default=1, help="large architectures run at a time")
+    p.add_argument("--stop-after", type=float, default=math.inf, help="seconds; then stop (resumable)")
     p.add_argument("--summary", action="store_true", help="print a markdown summary of --out and exit")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run run_one's cleanup
@@ -532,10 +643,20 @@ def main(argv: list[str] | None = None) -> None:
         "max_params": args.max_params if args.max_params is not None else (100e6 if cpu else math.inf),
         "threads": args.threads,
     }
-    done = {r["architecture"] for r in read_rows(args.out)}
+    large = None
+    if args.large_device:
+        large = {**opts, "device": args.large_device, "dtype": args.large_dtype, "max_params": math.inf}
+        large["timeout"], large["jobs"] = args.large_timeout, args.large_jobs
+    migrate(args.out)
+    rows = read_rows(args.out)
+    done = {r["architecture"] for r in rows}
     archs = select_architectures(args.names, args.chunk, args.limit, done)
+    skipped = {r["architecture"] for r in rows if r["status"] == "skipped-too-large"}
+    rerun = [a for a in select_architectures(args.names, args.chunk, None, set()) if a in skipped]
     print(f"{len(archs)} architectures to run ({len(done)} already in {args.out})", flush=True)
-    sweep(archs, opts, args.timeout, args.out)
+    if large:
+        print(f"{len(rerun)} skipped as too large to run on {args.large_device}", flush=True)
+    sweep(archs, opts, args.timeout, args.out, args.jobs, large, rerun, args.stop_after)
 
 
 if __name__ == "__main__":
