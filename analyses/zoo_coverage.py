@@ -18,7 +18,9 @@ on. Stages, each in its own try/except (a failed stage does not stop the later o
    for ``t`` in translate_x and rotate (completeness only; the jvp self-check is left out so that
    this stage tests the decomposition alone);
 3. ``lie``: ``aliasscope.lie_derivative(model, x, "translate_x")``;
-4. ``spectral``: ``aliasscope.spectral(model, x, select="nonlinearity")``.
+4. ``spectral``: ``aliasscope.spectral(model, x, select="nonlinearity")``, or on every op when the
+   capture found no op of kind ``nonlinearity`` (the activations all inside fused modules: FRN/TLU,
+   EvoNorm, a ViT with no MLP activation).
 
 The sweep is resumable (architectures already in the CSV are skipped) and appends one row per
 finished architecture (flushed and fsynced: a kill loses at most the running ones). ``--jobs N`` runs
@@ -309,10 +311,13 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         report(row)
         return
 
+    kinds: set[str] = set()
+
     def capture() -> None:
         with asc.record(model) as rec, torch.no_grad():
             model(x)
         row["ops"] = len(rec.ops)
+        kinds.update(op.kind for op in rec.ops)
         row["collapsed"] = sum(op.kind == "block" for op in rec.ops)
 
     def decomposition() -> None:
@@ -331,7 +336,10 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         asc.lie_derivative(model, x, "translate_x")
 
     def spectrum() -> None:
-        asc.spectral(model, x, select="nonlinearity")
+        if not kinds or "nonlinearity" in kinds:
+            asc.spectral(model, x, select="nonlinearity")
+        else:  # every nonlinearity sits inside a fused module (FRN/TLU, EvoNorm): measure every op
+            asc.spectral(model, x)
 
     for stage, fn in zip(STAGES[1:], (capture, decomposition, lie, spectrum), strict=True):
         row["stage"] = stage
