@@ -782,6 +782,24 @@ def _reduction(call: Call) -> Result:
     return [_reduce(call.layout, call.ndim, dims, keepdim)]
 
 
+@rule("max", "min", needs_layout=False)
+def _max_min(call: Call) -> Result | None:
+    """Three calls in one name: with a tensor ``other``, an elementwise map (as :data:`BINARY`); with
+    a ``dim``, a reduction with two outputs (values, indices), both of the reduced layout; with
+    neither, a full reduction. Cannot know: an unknown input layout (with a dim or none), what
+    ``BINARY`` cannot."""
+    other = call.arg(1, "other")
+    if isinstance(other, torch.Tensor):
+        return _elementwise(call)
+    dim = call.arg(1, "dim")
+    lay = (
+        None
+        if call.layout is None
+        else _reduce(call.layout, call.ndim, dim, bool(call.arg(2, "keepdim", False)))
+    )
+    return [lay for _ in call.outputs]
+
+
 @rule("expand", "repeat", "broadcast_to", "tile")
 def _expand(call: Call) -> Result:
     """Same rank: the input's roles (a broadcast of size-1 dims, or repeats). Cannot know: a result

@@ -306,6 +306,14 @@ REDUCTION = [
     case("nanmean", torch.Tensor.nanmean, X, (2, 3), lays=[BCHW], expect=BC),
     case("none-half-the-grid", torch.Tensor.mean, X, 2, lays=[BCHW], expect=None),
 ]
+MAX_MIN = [
+    case("max-dim", torch.max, X, 1, lays=[BCHW], expect=[Layout(("b", "h", "w"))] * 2),
+    case("min-dim-keepdim", torch.Tensor.min, X, dim=1, keepdim=True, lays=[BCHW], expect=[BCHW, BCHW]),
+    case("max-other", torch.max, X, X, lays=[BCHW, BCHW], expect=BCHW),
+    case("min-all", torch.min, X, lays=[BCHW], expect=Layout(())),
+    case("max-tokens", torch.Tensor.max, TOK, 1, lays=[TOK1], expect=[BC, BC]),
+    case("none-unknown", torch.max, X, 1, lays=[None], expect=[None, None]),
+]
 EXPAND = [
     case("expand", torch.Tensor.expand, GATE, 2, 3, 4, 6, lays=[BCCC], expect=BCCC),
     case("repeat", torch.Tensor.repeat, X, 1, 2, 1, 1, lays=[BCHW], expect=BCHW),
@@ -444,6 +452,7 @@ BY_RULE = {
     "unbind": UNBIND,
     "split": SPLIT,
     "reduction": REDUCTION,
+    "max_min": MAX_MIN,
     "expand": EXPAND,
     "expand_as": EXPAND_AS,
     "grid": GRID,
@@ -565,12 +574,12 @@ def test_rules_for_gives_the_order_propagate_tries() -> None:
 
 def test_the_families_are_registered() -> None:
     assert RESHAPES | PERMUTES | REDUCTIONS | GRID_OPS <= set(RULES)
-    # only expand_as is a name of both a rule and the elementwise fallbacks (its rule handles both)
-    assert set(RULES) & (SAME_LAYOUT | BINARY) == {"expand_as"}
+    # only these are names of both a rule and the elementwise fallbacks (their rules handle both)
+    assert set(RULES) & (SAME_LAYOUT | BINARY) == {"expand_as", "max", "min"}
     # window-partitioned inputs: only moves, elementwise maps and linear
     windows = {n for n in set(RULES) | SAME_LAYOUT | BINARY if _window_ok(n)}
     assert windows == SAME_LAYOUT | BINARY | RESHAPES | PERMUTES | {"linear"}
-    free = GRID_OPS | {"expand_as", "setitem", "view_scatter"}
+    free = GRID_OPS | {"expand_as", "max", "min", "setitem", "view_scatter"}
     assert {n for n, r in RULES.items() if not r.needs_layout} == free
     for r in (*RULES.values(), *FALLBACKS):
         assert r.doc, f"rule {r.name} needs a docstring: what it does to roles, what it cannot know"
@@ -601,11 +610,6 @@ def test_adding_a_rule_is_one_decorated_function() -> None:
 
 
 # -- known limitations of the current rules (kept as they are; flip to passing when fixed) ------------------
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="max/min are BINARY: one layout for two outputs")
-def test_max_with_a_dim_gives_a_layout_per_output() -> None:
-    assert len(run(Case(torch.max, (X, 1), {}, [BCHW], [None, None]))) == 2
-
-
 @pytest.mark.xfail(strict=True, raises=TypeError, reason="movedim reads source/destination as ints only")
 def test_movedim_with_tuples() -> None:
     assert run(Case(torch.movedim, (X, (1,), (3,)), {}, [BCHW], [BHWC])) == [BHWC]
