@@ -696,13 +696,18 @@ def _permute(call: Call) -> Result:
 
 @rule("movedim", windows=True)
 def _movedim(call: Call) -> Result:
-    """Moves the role of dim ``source`` to ``destination`` (single ints). Cannot know: nothing beyond
-    the input's layout (roles that make no grid give ``None``)."""
+    """Moves the roles of dims ``source`` to ``destination`` (ints or sequences, as torch.movedim:
+    the other dims keep their order). Cannot know: nothing beyond the input's layout (roles that
+    make no grid give ``None``)."""
     src, dst = call.arg(1, "source"), call.arg(2, "destination")
     ndim = call.ndim
-    perm = list(range(ndim))
-    perm.pop(_norm_dim(src, ndim))
-    perm.insert(_norm_dim(dst, ndim), _norm_dim(src, ndim))
+    src = [_norm_dim(d, ndim) for d in ((src,) if isinstance(src, int) else src)]
+    dst = [_norm_dim(d, ndim) for d in ((dst,) if isinstance(dst, int) else dst)]
+    perm: list[int | None] = [None] * ndim
+    for s_, d_ in zip(src, dst, strict=True):
+        perm[d_] = s_
+    rest = iter(d for d in range(ndim) if d not in src)
+    perm = [next(rest) if d is None else d for d in perm]
     return [call.make(tuple(call.layout.roles[d] for d in perm))]
 
 
@@ -776,10 +781,19 @@ def _split(call: Call) -> Result:
 @rule(*sorted(REDUCTIONS))
 def _reduction(call: Call) -> Result:
     """Reduced dims are removed (channels with ``keepdim``); a full reduction gives a 0-D tensor (all
-    channels with ``keepdim``). Cannot know: reducing one grid dim but not the other."""
-    dims = call.arg(1, "dim")
-    keepdim = bool(call.arg(2, "keepdim", False))
+    channels with ``keepdim``); positional arguments as each function reads them (``norm``'s ``p``,
+    ``var``/``std``'s ``unbiased``). Cannot know: reducing one grid dim but not the other."""
+    dim_at, keep_at = _REDUCTION_POSITIONS.get(call.name, (1, 2))
+    dims = call.arg(dim_at, "dim")
+    if call.name in ("var", "std") and isinstance(dims, bool):  # var(x, unbiased): a full reduction
+        dims, keep_at = None, 2
+    keepdim = bool(call.arg(keep_at, "keepdim", False))
     return [_reduce(call.layout, call.ndim, dims, keepdim)]
+
+
+_REDUCTION_POSITIONS = {"norm": (2, 3), "var": (1, 3), "std": (1, 3)}
+"""(position of ``dim``, position of ``keepdim``) where they differ from (1, 2): ``norm(x, p, dim,
+keepdim)``, ``var(x, dim, unbiased, keepdim)``."""
 
 
 @rule("max", "min", needs_layout=False)

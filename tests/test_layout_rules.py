@@ -609,17 +609,34 @@ def test_adding_a_rule_is_one_decorated_function() -> None:
         rule()
 
 
-# -- known limitations of the current rules (kept as they are; flip to passing when fixed) ------------------
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="movedim reads source/destination as ints only")
+# -- what were known limitations (strict xfails until fixed) ---------------------------------------------
 def test_movedim_with_tuples() -> None:
+    """Sequences of dims, checked against torch.movedim's own result on a tensor of distinct sizes."""
     assert run(Case(torch.movedim, (X, (1,), (3,)), {}, [BCHW], [BHWC])) == [BHWC]
+    assert run(Case(torch.movedim, (X, (2, 3), (1, 2)), {}, [BCHW], [BHWC])) == [BHWC]
+    probe = torch.empty(2, 3, 5, 7)
+    for src, dst in [((2, 3), (1, 2)), ((0, 3), (3, 0)), ((1,), (-1,)), ((3, 1), (1, 3))]:
+        shape = torch.movedim(probe, src, dst).shape
+        roles = run(Case(torch.movedim, (X, src, dst), {}, [BCHW], [None]))[0]
+        sizes = dict(zip(("b", "c", "h", "w"), probe.shape, strict=True))
+        assert roles is not None and tuple(sizes[r] for r in roles.roles) == tuple(shape), (src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="var/std: a positional bool is unbiased, read as keepdim")
-def test_var_with_positional_unbiased() -> None:
-    assert run(Case(torch.Tensor.var, (X, 1, True), {}, [BCHW], [None])) == [Layout(("b", "h", "w"))]
-
-
-@pytest.mark.xfail(strict=True, reason="norm's second positional argument is p, read as dim")
-def test_norm_with_positional_p() -> None:
-    assert run(Case(torch.Tensor.norm, (X, 2, 1), {}, [BCHW], [None])) == [Layout(("b", "h", "w"))]
+def test_reductions_read_positional_arguments_as_torch_does() -> None:
+    """var(x, dim, unbiased, keepdim), var(x, unbiased), norm(x, p, dim, keepdim): each checked
+    against the rank torch gives."""
+    bhw = Layout(("b", "h", "w"))
+    assert run(Case(torch.Tensor.var, (X, 1, True), {}, [BCHW], [None])) == [bhw]
+    assert run(Case(torch.Tensor.std, (X, 1, True, True), {}, [BCHW], [None])) == [BCHW]
+    assert run(Case(torch.var, (X, False), {}, [BCHW], [None])) == [Layout(())]
+    assert run(Case(torch.Tensor.norm, (X, 2, 1), {}, [BCHW], [None])) == [bhw]
+    assert run(Case(torch.Tensor.norm, (X, 2, 1, True), {}, [BCHW], [None])) == [BCHW]
+    for func, args in [
+        (torch.var, (X, 1, True)),
+        (torch.std, (X, 1, True, True)),
+        (torch.var, (X, False)),
+        (torch.Tensor.norm, (X, 2, 1)),
+        (torch.Tensor.norm, (X, 2, 1, True)),
+    ]:
+        lay = run(Case(func, args, {}, [BCHW], [None]))[0]
+        assert lay is not None and func(*args).dim() == len(lay.roles), (func, args)
