@@ -432,14 +432,14 @@ def sweep(
 ) -> None:
     """Run every architecture, ``jobs`` at a time, writing each finished row to ``out`` (this thread
     only), with a progress bar. With ``large`` (opts plus ``timeout``), rows skipped as too large in
-    this run, and the architectures ``rerun`` (skipped in an earlier one), are run one at a time with
-    those opts."""
+    this run, and the architectures ``rerun`` (skipped in an earlier one), are run with those opts,
+    ``large["jobs"]`` at a time."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     stop_at = time.perf_counter() + stop_after
     rerun = list(rerun) if large else []
     counts: Counter[str] = Counter()
-    bar = _progress(len(archs) + len(rerun))
+    bar = Progress(len(archs) + len(rerun))
     with (
         ThreadPoolExecutor(jobs) as small_pool,
         ThreadPoolExecutor(large.get("jobs", 1) if large else 1) as large_pool,
@@ -504,7 +504,7 @@ def write_row(path: Path, row: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class _progress:  # noqa: N801 (used as a function)
+class Progress:
     """Progress: tqdm when installed, else one line per finished architecture."""
 
     def __init__(self, total: int) -> None:
