@@ -834,9 +834,15 @@ def _expand_as(call: Call) -> Result:
 @rule(*sorted(GRID_OPS - {"pad"}), needs_layout=False)
 def _grid(call: Call) -> Result:
     """Convolutions, pools, resampling and pixel shuffles keep BCHW (a 1x1 result: all channels);
-    on a non-spatial input, (b, c, ...). Cannot know: a spatial input other than BCHW, a result that
-    is not 4-D, non-float outputs (pooling indices), an unknown input layout."""
-    return [_grid_op(call.name, call.layout, o) if o.is_floating_point() else None for o in call.outputs]
+    on a non-spatial input, (b, c, ...); a ``conv1d`` over channels-first tokens (b, c, n) that keeps
+    their number (a per-token projection, or a 1-D filter along the token order) keeps (b, c, n).
+    Cannot know: a spatial input other than BCHW (or tokens for conv1d), a result that is not 4-D,
+    a conv1d that changes the number of tokens, non-float outputs (pooling indices), an unknown input
+    layout."""
+    lay = call.layout
+    if call.name == "conv1d" and lay is not None and lay.roles == ("b", "c", "n"):
+        return [lay if call.out.shape[-1] == call.x.shape[-1] else None]
+    return [_grid_op(call.name, lay, o) if o.is_floating_point() else None for o in call.outputs]
 
 
 @rule("pad", needs_layout=False)

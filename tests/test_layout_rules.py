@@ -351,6 +351,11 @@ GRID = [
         lays=[Layout(("b", "c", "c")), CONST],
         expect=Layout(("b", "c", "c")),
     ),
+    # channels-first tokens (efficientvim's HSM-SSD projections): kept when the token count is
+    case("conv1d-tokens-1x1", F.conv1d, XF, _t(5, 3, 1), lays=[BCN, CONST], expect=BCN),
+    case("conv1d-tokens-k3", F.conv1d, XF, _t(5, 3, 3), None, 1, 1, lays=[BCN, CONST], expect=BCN),
+    case("conv1d-tokens-prefix", F.conv1d, _t(2, 3, 25), _t(5, 3, 1), lays=[BCN1, CONST], expect=BCN1),
+    case("none-conv1d-tokens-strided", F.conv1d, XF, _t(5, 3, 1), None, 2, lays=[BCN, CONST], expect=None),
     case("conv2d", F.conv2d, X, W3, None, 2, 1, lays=[BCHW, CONST], expect=BCHW),
     case(
         "conv3d-not-spatial",
