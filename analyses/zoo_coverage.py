@@ -659,8 +659,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_rows(args.out)
     done = {r["architecture"] for r in rows}
     archs = select_architectures(args.names, args.chunk, args.limit, done)
-    skipped = {r["architecture"] for r in rows if r["status"] == "skipped-too-large"}
+    skipped = {
+        r["architecture"]: float(r["params"] or "inf") for r in rows if r["status"] == "skipped-too-large"
+    }
     rerun = [a for a in select_architectures(args.names, args.chunk, None, set()) if a in skipped]
+    rerun.sort(key=skipped.__getitem__)  # smallest first: the most architectures in a time slot
     print(f"{len(archs)} architectures to run ({len(done)} already in {args.out})", flush=True)
     if large:
         print(f"{len(rerun)} skipped as too large to run on {args.large_device}", flush=True)
