@@ -483,12 +483,7 @@ def migrate(path: Path) -> None:
         header = next(csv.reader(f), None)
     if header is None or header == COLUMNS:
         return
-    rows = read_rows(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    for r in rows:
-        append_row(tmp, r)
-    os.replace(tmp, path)
+    _rewrite(path, read_rows(path))
 
 
 def write_row(path: Path, row: dict[str, Any]) -> None:
@@ -497,10 +492,16 @@ def write_row(path: Path, row: dict[str, Any]) -> None:
     if not any(r["architecture"] == row["architecture"] for r in rows):
         append_row(path, row)
         return
+    _rewrite(path, [row if r["architecture"] == row["architecture"] else r for r in rows])
+
+
+def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` by ``rows`` under the current COLUMNS, atomically (a temporary file, then
+    ``os.replace``)."""
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     for r in rows:
-        append_row(tmp, row if r["architecture"] == row["architecture"] else r)
+        append_row(tmp, r)
     os.replace(tmp, path)
 
 
