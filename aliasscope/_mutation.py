@@ -346,6 +346,8 @@ class Functionalizer:
             self._fresh[id(alias)] = self._fresh[id(of)]
 
     def resolve(self, t: torch.Tensor) -> torch.Tensor:
+        """The current value of ``t``: a view is recomputed from its base's current value when the base
+        was written since."""
         r = self.root(t)
         view = self._views.get(r)
         if view is not None:

@@ -351,7 +351,7 @@ GRID = [
         lays=[Layout(("b", "c", "c")), CONST],
         expect=Layout(("b", "c", "c")),
     ),
-    # channels-first tokens (efficientvim's HSM-SSD projections): kept when the token count is
+    # channels-first tokens (efficientvim's HSM-SSD projections): kept while the token count is
     case("conv1d-tokens-1x1", F.conv1d, XF, _t(5, 3, 1), lays=[BCN, CONST], expect=BCN),
     case("conv1d-tokens-k3", F.conv1d, XF, _t(5, 3, 3), None, 1, 1, lays=[BCN, CONST], expect=BCN),
     case("conv1d-tokens-prefix", F.conv1d, _t(2, 3, 25), _t(5, 3, 1), lays=[BCN1, CONST], expect=BCN1),
