@@ -299,7 +299,7 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
             i += 1
             continue
         if j < n_out and out_shape[j] == 1 and (i >= n_in or in_shape[i] != 1):
-            out.append("c")
+            out.append("b" if j == 0 and i < n_in and roles[i] == "b" else "c")  # batch (B*heads) split
             j += 1
             continue
         if i >= n_in or j >= n_out:
@@ -329,8 +329,15 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
         out.extend(grouped)
     if len(out) != n_out:
         return None
-    if ("b" in roles or "bw" in roles) and not {"b", "bw"} & set(out) and out_shape[0] == 1:
-        out[0] = "b"  # a batch of one: its size-1 dim was matched to nothing (windows unfolded)
+    out = [r if r != "b" or k == out.index("b") else "c" for k, r in enumerate(out)]  # one batch dim
+    if _DEPTH in out:
+        return _space_to_depth(layout, out)
+    out = ["bw" if r == _OUTER else r for r in out]
+    batch_lost = ("b" in roles or "bw" in roles) and not {"b", "bw"} & set(out)
+    if batch_lost and (out_shape[0] == 1 or out[0] == "c"):
+        # a batch of one: its size-1 dim was matched to nothing (windows unfolded), or folded into
+        # the channels that lead (heads into the batch: MViTv2's pooled queries)
+        out[0] = "b"
     if WINDOW_ROLES & set(out):
         geometry = _window_geometry(layout, in_shape, out, out_shape)
         if geometry is None:
@@ -340,7 +347,7 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
         except ValueError:
             return None
     if "h" in out and "n" in roles and layout.num_prefix == 0:
-        return Layout(tuple(out))
+        return _make(tuple(out), Layout())  # None for two grids unflattened (relative position tables)
     if "n" in out and "h" in roles:
         hs = in_shape[roles.index("h")], in_shape[roles.index("w")]
         return Layout(tuple(out), (int(hs[0]), int(hs[1])), 0)
@@ -350,9 +357,11 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
 # window partition (Swin) and its reverse: split an axis into (window index, position in window),
 # fold the window indices into the batch and the in-window positions into one token dim, and back
 _WINDOW_SPLIT = {("h",): ("ho", "hi"), ("w",): ("wo", "wi")}
+_OUTER = "<ho*wo>"  # window indices merged: folded into a batch of one (Swin), or patch tokens
+_DEPTH = "<hi*wi*c>"  # positions in a window merged with the channels: space-to-depth (patchify)
 _WINDOW_MERGE = {
     ("b", "ho", "wo"): "bw",
-    ("ho", "wo"): "bw",  # a batch of one (its size-1 dim is dropped before matching)
+    ("ho", "wo"): _OUTER,  # Swin's batch of one (its size-1 dim dropped before matching) or patches
     ("hi", "wi"): "ni",
     ("ho", "hi"): "h",
     ("wo", "wi"): "w",
@@ -372,6 +381,8 @@ def _regroup(src: Roles, in_sizes: list[int], out_sizes: list[int], layout: Layo
         return list(_WINDOW_SPLIT[src])
     if src in _WINDOW_MERGE and len(out_sizes) == 1:
         return [_WINDOW_MERGE[src]]
+    if len(out_sizes) == 1 and {"hi", "wi"} <= set(src) <= {"hi", "wi", "c"}:
+        return [_DEPTH]
     if layout.windowed:
         (gh, gw), (wh, ww) = layout.grid, layout.window
         if src == ("bw",) and len(out_sizes) == 3 and out_sizes[1:] == [gh // wh, gw // ww]:
@@ -383,6 +394,21 @@ def _regroup(src: Roles, in_sizes: list[int], out_sizes: list[int], layout: Layo
     if src == ("n",) and layout.num_prefix == 0 and layout.grid and out_sizes == list(layout.grid):
         return ["h", "w"]
     return None
+
+
+def _space_to_depth(layout: Layout, out: list[str]) -> Layout | None:
+    """The layout of a patchified tensor: every position in a window (patch) merged into the channels
+    (``_DEPTH``), the window indices left as the rows and columns (``ho``, ``wo``: TResNet's
+    SpaceToDepth) or merged into tokens (``_OUTER``: ViT patchify by reshape) of the coarse grid of
+    windows, ``(H / wh, W / ww)``. ``None`` when a position in a window or the batch merge is left."""
+    if not layout.windowed or out.count(_DEPTH) != 1 or {"hi", "wi", "ni", "bw"} & set(out):
+        return None
+    (gh, gw), (wh, ww) = layout.grid, layout.window
+    roles = tuple({_DEPTH: "c", _OUTER: "n", "ho": "h", "wo": "w"}.get(r, r) for r in out)
+    try:
+        return Layout(roles, (gh // wh, gw // ww), 0) if "n" in roles else Layout(roles)
+    except ValueError:  # one axis of the windows left, or an axis split twice
+        return None
 
 
 def _getitem(layout: Layout, shape: Sequence[int], index: Any) -> Layout | None:
@@ -968,8 +994,8 @@ def _size_fix(layout: Layout | None, out: torch.Tensor) -> Layout | None:
     if len(layout.roles) != out.dim():
         return None
     roles = _size_one_roles(out.shape, layout.roles)
-    if "n" in roles and out.shape[roles.index("n")] != layout.num_tokens:
-        return None
+    if any(r == "n" and n != layout.num_tokens for r, n in zip(roles, out.shape, strict=True)):
+        return None  # every token dim over the one grid (subsampled queries: two grids, unknown)
     if layout.windowed:
         try:
             layout.check(out)

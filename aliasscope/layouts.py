@@ -36,6 +36,7 @@ __all__ = [
     "INVARIANT",
     "WINDOW_ROLES",
     "infer_layout",
+    "coarsens_grid",
     "map_spatial",
     "window_grid",
 ]
@@ -145,6 +146,15 @@ class Layout:
             else:
                 sizes.append(n)
         return sizes
+
+    def grid_size(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """(rows, cols) of the grid that ``x`` carries in this layout (its pixel or token grid, the
+        full grid of a window-partitioned one); None when invariant."""
+        if not self.is_image_like:
+            return None
+        if "h" in self.roles:
+            return int(x.shape[self.roles.index("h")]), int(x.shape[self.roles.index("w")])
+        return self.grid
 
     @property
     def num_tokens(self) -> int:
@@ -312,3 +322,14 @@ def infer_layout(x: torch.Tensor, model: nn.Module | None = None) -> Layout:
         f"cannot infer the spatial layout of a tensor of shape {tuple(x.shape)}; pass it explicitly, "
         "e.g. layout=Layout.tokens(grid=(14, 14), num_prefix=1), layouts.BHWC or layouts.INVARIANT"
     )
+
+
+def coarsens_grid(
+    layout: Layout | None, x: torch.Tensor, out_layout: Layout | None, out: torch.Tensor
+) -> bool:
+    """Whether ``out`` (in ``out_layout``) lies on a grid of fewer positions than ``x`` (in ``layout``):
+    a data move that does so is a patchify (space-to-depth), not an exactly equivariant relabelling."""
+    if layout is None or out_layout is None:
+        return False
+    before, after = layout.grid_size(x), out_layout.grid_size(out)
+    return before is not None and after is not None and after[0] * after[1] < before[0] * before[1]

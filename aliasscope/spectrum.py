@@ -31,7 +31,7 @@ from torch import nn
 
 from ._checks import check_finite_output, check_int, check_model, names_nonfinite_images, selected_ops
 from .kinds import is_pointwise_kind
-from .layouts import BCHW, Layout
+from .layouts import BCHW, Layout, _map_windows, window_grid
 from .results import Result
 
 if TYPE_CHECKING:
@@ -424,10 +424,24 @@ class Spectrum(Result):
         return "\n".join(lines)
 
 
+def _windowed_grid_op(op: OpRecord) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+    """A patchify of a window-partitioned input (Swin's patch merging) as a map of (B, C, H, W) grids of
+    the recorded size: the grid partitioned into windows as recorded, then the op."""
+    lay_in, lay_out, template = op.in_layouts[0], op.out_layouts[0], op.inputs[0]
+
+    def fn(grid: torch.Tensor, rows: slice) -> torch.Tensor:
+        x = _map_windows(template[rows], lay_in, lambda _: grid)
+        return lay_out.to_bchw(op.replay(x))[0]
+
+    return fn
+
+
 def _grid_op(op: OpRecord) -> Callable[[torch.Tensor, slice], torch.Tensor]:
     """The op as a map of (B, C, H, W) grids at any resolution (a token grid is resized with it);
     ``rows`` picks the batch rows of the recorded prefix tokens that go with the grid."""
     lay_in, lay_out = op.in_layouts[0], op.out_layouts[0]
+    if lay_in.windowed:
+        return _windowed_grid_op(op)
     native, prefix = lay_in.to_bchw(op.inputs[0])
     nh, nw = native.shape[-2:]
 
@@ -469,9 +483,9 @@ def _elementwise(module: nn.Module | None) -> bool:
 
 
 def _shrink(op: OpRecord) -> int | None:
-    """The integer factor by which a single-grid op shrinks its grid (None unless it does)."""
-    h, w = op.in_layouts[0].to_bchw(op.inputs[0])[0].shape[-2:]
-    ho, wo = op.out_layouts[0].to_bchw(op.outputs[0])[0].shape[-2:]
+    """The integer factor by which an op shrinks its grid (None unless it does)."""
+    h, w = op.in_layouts[0].grid_size(op.inputs[0])
+    ho, wo = op.out_layouts[0].grid_size(op.outputs[0])
     s = h // ho if ho else 0
     return s if s > 1 and h == s * ho and w == s * wo else None
 
@@ -490,6 +504,11 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
         ring = radial_profile(power, RADIAL_BINS)[1].cpu()
         sums.radial = ring if sums.radial is None else sums.radial + ring
     lay_in = op.in_layouts[0] if len(op.inputs) == 1 and op.in_layouts else None
+    if lay_in is not None and lay_in.windowed and lay_in.roles[0] == "b" and op.patchifies:
+        stride = _shrink(op)  # a patchify of windows (Swin's patch merging): its stride alias
+        if stride is None:
+            return None
+        return _stride_sums(op, window_grid(op.inputs[0], lay_in), grid_out, stride, sums, max_bytes)
     if lay_in is None or lay_in.kind not in _SINGLE_GRID:
         return None
     grid_in = lay_in.to_bchw(op.inputs[0])[0]
@@ -507,8 +526,20 @@ def _measure(op: OpRecord, sums: _Sums, factor: int, factors: list[int], max_byt
             _pointwise_sums(fn, grid_in, s, sums, max_bytes, suffix=suffix, elementwise=elementwise)
         return None
     stride = _shrink(op)
-    if stride is None:
-        return None
+    return None if stride is None else _stride_sums(op, grid_in, grid_out, stride, sums, max_bytes, fn)
+
+
+def _stride_sums(
+    op: OpRecord,
+    grid_in: torch.Tensor,
+    grid_out: torch.Tensor,
+    stride: int,
+    sums: _Sums,
+    max_bytes: float,
+    fn: Callable[[torch.Tensor, slice], torch.Tensor] | None = None,
+) -> int:
+    """Add the stride alias of a grid-shrinking op (evaluated at stride 1) into ``sums``."""
+    fn = fn or _grid_op(op)
     coarse = tuple(grid_out.shape[-2:])
     for rows in _batches(grid_in.shape[0], grid_out[:1].numel() * stride * stride * 64, max_bytes):
         full = stride_one(lambda x, rows=rows: fn(x, rows), grid_in[rows], stride).double()

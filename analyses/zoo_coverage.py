@@ -151,12 +151,14 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "figures" / "zoo_coverage
 def select_architectures(
     names: str | None, chunk: tuple[int, int], limit: int | None, done: set[str]
 ) -> list[str]:
-    """``timm.list_models()`` filtered by the fnmatch pattern, every n-th from i, minus ``done``."""
+    """``timm.list_models()`` filtered by fnmatch patterns (comma-separated: any of them), every n-th
+    from i, minus ``done``."""
     import timm
 
     archs = sorted(timm.list_models())
     if names:
-        archs = [a for a in archs if fnmatch.fnmatch(a, names)]
+        patterns = [p.strip() for p in names.split(",") if p.strip()]
+        archs = [a for a in archs if any(fnmatch.fnmatch(a, p) for p in patterns)]
     i, n = chunk
     archs = [a for a in archs[i::n] if a not in done]
     return archs[:limit] if limit is not None else archs
@@ -277,6 +279,15 @@ def too_large(name: str, module: str, max_params: float, row: dict[str, Any]) ->
     return row["params"] > max_params
 
 
+def feature_readout(features: Any) -> Any:
+    """A scalar per image from an encoder's (B, ...) features: their dot product with fixed random
+    weights (seeded, so the same readout on every run), the target of its decomposition."""
+    import torch
+
+    weights = torch.randn(features.shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (features * weights.to(features)).flatten(1).sum(1)
+
+
 def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
     """Build ``name`` and run every stage, calling ``report(row)`` after each (the row so far)."""
     import timm
@@ -322,8 +333,11 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
 
     def decomposition() -> None:
         errs, mass_errs, leaks = [], [], []
+        with torch.no_grad():
+            classifier = model(x).dim() == 2  # else an encoder: a fixed random readout of its features
+        target = "pred" if classifier else feature_readout
         for t in TRANSFORMS:
-            d = asc.decompose(model, x, t, target="pred", output="logits", verify=None)
+            d = asc.decompose(model, x, t, target=target, output="logits", verify=None)
             errs.append(d.completeness_error)
             mass_errs.append(d.completeness_error_mass)
             leaks.append(d.leak)
@@ -625,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--small", action="store_true", help="smallest accepted input size")
     p.add_argument("--chunk", type=parse_chunk, default=(0, 1), help="i/n: every n-th architecture from i")
-    p.add_argument("--names", help="fnmatch pattern on architecture names")
+    p.add_argument("--names", help="fnmatch patterns on architecture names, comma-separated")
     p.add_argument("--limit", type=int, help="at most this many (new) architectures")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per architecture")
     p.add_argument("--max-params", type=float, help="default 100e6 on CPU, unlimited on CUDA")

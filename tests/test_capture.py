@@ -118,7 +118,9 @@ def test_swin_window_partition_gets_a_window_layout(batch: int) -> None:
     assert ops["layers.0.blocks.0.view#5"] == ("layout", "bhwc")  # windows put back
     assert ops["layers.0.blocks.1.roll"] == ("other", "bhwc")  # the shifted block's cyclic shift
     assert ops["layers.0.blocks.0.mlp.act"] == ("nonlinearity", "tokens(16x16)")
-    assert ops["layers.1.downsample"] == ("downsampling", "bhwc")
+    # patch merging folds each 2x2 window into the channels: a space-to-depth reshape, then norm, Linear
+    assert ops["layers.1.downsample.flatten"] == ("downsampling", "bhwc")
+    assert ops["layers.1.downsample.reduction"] == ("linear", "bhwc")
     by_name = {op.name: op for op in rec}
     assert by_name["layers.0.blocks.0.view#1"].exactly_equivariant
     assert not by_name["layers.0.blocks.1.roll"].exactly_equivariant

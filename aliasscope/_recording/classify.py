@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..kinds import KINDS, get_kind, kind_of_function, precedence_order
-from ..layouts import Layout
+from ..layout_rules import PERMUTES, RESHAPES
+from ..layouts import Layout, coarsens_grid
 
 if TYPE_CHECKING:
     from .ops import OpRecord
@@ -63,6 +64,9 @@ _ARGUMENT_RULES = (
 )
 
 
+_MOVES = RESHAPES | PERMUTES  # data moves: a crop (indexing, narrow) shrinks the grid, keeps its spacing
+
+
 def _is_eval_batchnorm(module: nn.Module) -> bool:
     """A plain BatchNorm in eval mode: affine per channel. Subclasses with their own forward (timm's
     ``BatchNormAct2d`` adds an activation) are not."""
@@ -92,6 +96,10 @@ def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_lay
     if "patch_embed" in path:
         return "patch_embed"
     named = kind_of_function(name)
+    if name in _MOVES and _coarsens_grid(layouts, deps, inputs, out_layouts, outs):
+        # a reshape that patchifies (space-to-depth): in an embedding module (NaFlexViT's ``embeds``)
+        # it embeds patches, elsewhere it subsamples (TResNet's SpaceToDepth, Qwen3-ViT's merger)
+        return "patch_embed" if "embed" in path else "downsampling"
     if named is not None and name not in _ARGUMENT_RULES:
         return named  # nonlinearities, norms, attention, linear, layout ops: the registry's functions
     if name in ("matmul", "bmm", "einsum") and sum(deps) > 1:
@@ -148,6 +156,12 @@ def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_lay
     return "other"
 
 
+def _coarsens_grid(layouts, deps, inputs, out_layouts, outs) -> bool:
+    """Does a data move put its output on a coarser grid than its input's (a patchify)?"""
+    src = next(((lay, x) for lay, x, d in zip(layouts, inputs, deps, strict=True) if d), None)
+    return bool(src and out_layouts and outs) and coarsens_grid(src[0], src[1], out_layouts[0], outs[0])
+
+
 def _strided_index(index: Any, layout: Layout | None) -> bool:
     """Does a ``tensor[index]`` subsample a spatial dim of ``layout`` (a slice with step > 1)?"""
     if layout is None or layout.roles is None or not layout.is_image_like:
@@ -171,6 +185,14 @@ def _spatial_extent(const: torch.Tensor, layout: Layout, out: torch.Tensor) -> b
     return any(r in ("h", "w", "n") and shape[d] > 1 for d, r in enumerate(layout.roles or ()))
 
 
+_PLAIN_LAYERS = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+
+
 def _kind_of_unit(call: _Call) -> str:
     path, cls = call.path, type(call.module).__name__.lower()
     declared = getattr(call.module, "aliasscope_kind", None)
@@ -185,8 +207,9 @@ def _kind_of_unit(call: _Call) -> str:
         )
     if "patch_embed" in path or "patchembed" in cls:
         return "patch_embed"
-    if "attn" in path.rsplit(".", 1)[-1] or "attention" in cls:
-        return "attention"
+    by_name = "attn" in path.rsplit(".", 1)[-1] or "attention" in cls
+    if by_name and not isinstance(call.module, _PLAIN_LAYERS):
+        return "attention"  # by name, except a plain layer on the way (MViTv2's shortcut_pool_attn)
     if call.mixes_tokens:
         return "token_mixing"
     if isinstance(call.module, nn.modules.conv._ConvNd) or "conv" in cls:
@@ -208,6 +231,9 @@ def _kind_of_unit(call: _Call) -> str:
     if isinstance(call.module, nn.Linear):
         return "linear"
     kinds = {_kind_of_name(f) for f in call.funcs}
+    if kinds <= {"layout"} and call.template.inputs and call.outputs and call.in_layouts and call.out_layouts:
+        if coarsens_grid(call.in_layouts[0], call.template.inputs[0], call.out_layouts[0], call.outputs[0]):
+            return "downsampling"  # data moved onto a coarser grid: a space-to-depth module (TResNet)
     for k in precedence_order():
         if k in kinds:
             return k

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..kinds import get_kind, is_zero_kind
-from ..layouts import Layout
+from ..layouts import Layout, coarsens_grid
 
 __all__ = ["OpRecord", "Recording", "select_ops"]
 
@@ -60,6 +60,15 @@ class OpRecord:
     producers: list[tuple[int, int] | None] = field(repr=False, default_factory=list)
 
     @property
+    def patchifies(self) -> bool:
+        """True when its output lies on a grid of fewer positions than its input's: a patchify
+        (space-to-depth, a patch's pixels become channels of one position, which aliases like a
+        strided op) or a crop (whose new border does not commute with the generator's stencil)."""
+        return bool(self.inputs and self.outputs) and coarsens_grid(
+            self.in_layouts[0], self.inputs[0], self.out_layouts[0], self.outputs[0]
+        )
+
+    @property
     def exactly_equivariant(self) -> bool:
         """True when its local Lie derivative is 0 by construction.
 
@@ -73,7 +82,7 @@ class OpRecord:
         is computed independently.
         """
         if self.op in _MOVES:
-            return True
+            return not self.patchifies
         if self.in_layouts and not any(lay.is_image_like for lay in (*self.in_layouts, *self.out_layouts)):
             return True
         if _per_position_linear(self):
@@ -82,6 +91,7 @@ class OpRecord:
             is_zero_kind(self.kind)
             and all(lay == self.layout or not lay.is_image_like for lay in self.in_layouts)
             and self.op != "getitem"
+            and not self.patchifies  # the same layout on a coarser grid (TResNet's SpaceToDepth unit)
         )
 
 

@@ -113,6 +113,17 @@ class _Call:
     writes_outside: bool = False
 
 
+def _subsampled_tokens(grid: tuple[int, int], count: int) -> Layout | None:
+    """Tokens subsampled by an integer stride ``s`` (LeViT's attention downsampling: a grid of
+    ``ceil(H / s) x ceil(W / s)`` tokens), when ``count`` fits exactly one such stride."""
+    fits = [
+        ((grid[0] - 1) // s + 1, (grid[1] - 1) // s + 1)
+        for s in range(2, max(grid) + 1)
+        if ((grid[0] - 1) // s + 1) * ((grid[1] - 1) // s + 1) == count
+    ]
+    return Layout.tokens(fits[0]) if len(set(fits)) == 1 else None
+
+
 class Tracer:
     """The recording's working state while the forward runs: the module-call stack, the unit being
     recorded whole, op-name counters, the private input aliases, the in-place-write functionalizer.
@@ -271,7 +282,9 @@ class Tracer:
         mixes = self._unit is None and self._mixes_tokens(module, template)
         unit = self._unit is None and (self._is_unit(module, path) or mixes)
         replaced = None
-        if unit and self.rec.alias_inputs and template.inputs:
+        # every module call gets private aliases (not only units): a call collapsed after the forward
+        # must see the gradient through its own code alone, not through other readers of its inputs
+        if self._unit is None and self.rec.alias_inputs and template.inputs:
             replaced = self.alias_args(args, kwargs)
             template = _Template(*replaced, self.rec.depends)
         call = _Call(path, module, parent, template, unit, len(self.rec.ops), mixes_tokens=mixes)
@@ -357,6 +370,8 @@ class Tracer:
             return lay
         if t.dim() == 2 and t.shape[0] == batch:
             return Layout(("b", "c"))
+        if lay.kind == "tokens" and not lay.num_prefix and t.dim() == 3 and t.shape[0] == batch:
+            return _subsampled_tokens(lay.grid, t.shape[1])
         return None
 
     def _add_module_op(self, call: _Call, name: str, kind: str) -> None:
