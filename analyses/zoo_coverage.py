@@ -331,10 +331,11 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         kinds.update(op.kind for op in rec.ops)
         row["collapsed"] = sum(op.kind == "block" for op in rec.ops)
 
+    with torch.no_grad():
+        classifier = model(x).dim() == 2  # else an encoder: a fixed random readout of its features
+
     def decomposition() -> None:
         errs, mass_errs, leaks = [], [], []
-        with torch.no_grad():
-            classifier = model(x).dim() == 2  # else an encoder: a fixed random readout of its features
         target = "pred" if classifier else feature_readout
         for t in TRANSFORMS:
             d = asc.decompose(model, x, t, target=target, output="logits", verify=None)
@@ -347,7 +348,7 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         row["leak"] = max(leaks)
 
     def lie() -> None:
-        asc.lie_derivative(model, x, "translate_x")
+        asc.lie_derivative(model, x, "translate_x", output="logits" if classifier else feature_readout)
 
     def spectrum() -> None:
         if not kinds or "nonlinearity" in kinds:

@@ -591,3 +591,72 @@ def test_patchify_by_reshape_is_a_patch_embedding_and_decomposes_exactly(transfo
     assert dec.completeness_error <= 1e-12 and dec.leak <= 1e-12
     for name in ("embed.reshape", "reshape", "s2d"):
         assert dec.values[dec.names.index(name)].abs().max() > 1e-3
+
+
+class _PooledQueryAttention(nn.Module):
+    """MViTv2's / LeViT's attention with subsampled queries: the scores (B, N/4 + 1, N + 1) live on two
+    grids, so the module is recorded as one op, from tokens on a 4x4 grid to tokens on its 2x2 subgrid
+    (the class token kept)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(c, 3 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        b, n, c = q.shape
+        grid = q[:, 1:].reshape(b, 4, 4, c)[:, ::2, ::2].reshape(b, 4, c)
+        q = torch.cat([q[:, :1], grid], 1)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+class _PooledQueries(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.cls = nn.Conv2d(3, 4, 4, stride=4), nn.Parameter(torch.randn(1, 1, 4))
+        self.attn, self.head = _PooledQueryAttention(4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        t = self.attn(t)
+        return self.head(t[:, 1:].mean(1) + t[:, 0])
+
+
+def test_attention_with_subsampled_queries_is_one_op_onto_the_subgrid() -> None:
+    torch.manual_seed(0)
+    model = _PooledQueries().double().eval()
+    dec = decompose(model, random_images(2, h=16, w=16), "rotate")
+    i = dec.names.index("attn")
+    assert dec.kinds[i] == "attention" and dec.layouts[i] == "tokens(2x2+1)"
+    assert not any(n.startswith("attn.") for n in dec.names)
+    assert dec.completeness_error <= 1e-12 and dec.leak <= 1e-12
+    assert dec.values[i].abs().max() > 1e-6
+
+
+class _StridedAfterBatchNorm(nn.Module):
+    """LeViT's subsampled queries after an eval BatchNorm2d: torch's CPU batch_norm backward gets this
+    strided gradient wrong (torch 2.14.1), so the decomposition's total and contributions were off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.Linear(8, 3)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        b, c, h, w = y.shape
+        q = y.flatten(2).transpose(1, 2).reshape(b, h, w, c)[:, ::2, ::2].reshape(b, -1, c)
+        return self.head(q.relu().mean(1))
+
+
+def test_eval_batchnorm_with_a_strided_gradient_decomposes_exactly() -> None:
+    torch.manual_seed(0)
+    model = _StridedAfterBatchNorm().double().eval()
+    x = random_images(1, h=16, w=16)  # a batch of one: the strides torch's kernel gets wrong
+    dec = decompose(model, x, "translate_x", verify="jvp")
+    assert dec.checks["total_vs_jvp"] <= 1e-12 and dec.completeness_error <= 1e-12
+    assert dec.values.abs().sum() > 1e-6

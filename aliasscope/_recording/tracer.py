@@ -113,15 +113,85 @@ class _Call:
     writes_outside: bool = False
 
 
-def _subsampled_tokens(grid: tuple[int, int], count: int) -> Layout | None:
-    """Tokens subsampled by an integer stride ``s`` (LeViT's attention downsampling: a grid of
-    ``ceil(H / s) x ceil(W / s)`` tokens), when ``count`` fits exactly one such stride."""
+class _EvalBatchNorm(torch.autograd.Function):
+    """Eval-mode ``F.batch_norm`` with torch's own forward (the same bits) and the backward written out:
+    ``y = (x - mean) * w / sqrt(var + eps) + b`` gives ``dx = g * w / sqrt(var + eps)`` per channel,
+    ``dw = sum g (x - mean) / sqrt(var + eps)``, ``db = sum g``."""
+
+    @staticmethod
+    def forward(x, mean, var, weight, bias, eps):  # noqa: ANN001, ANN205
+        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, mean, var, weight, bias, eps = inputs
+        ctx.save_for_backward(x, mean, var, weight)
+        ctx.save_for_forward(x, mean, var, weight)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+
+    @staticmethod
+    def _parts(ctx, x, mean, var, weight):  # noqa: ANN001, ANN205
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        inv = torch.rsqrt(var + ctx.eps)
+        scale = inv if weight is None else inv * weight
+        return shape, inv.view(shape), scale.view(shape)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, mean, var, weight = ctx.saved_tensors
+        shape, inv, scale = _EvalBatchNorm._parts(ctx, x, mean, var, weight)
+        dims = [0, *range(2, x.dim())]
+        gx = g * scale if ctx.needs_input_grad[0] else None
+        gw = (
+            (g * (x - mean.view(shape)) * inv).sum(dims)
+            if weight is not None and ctx.needs_input_grad[3]
+            else None
+        )
+        gb = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return gx, None, None, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx, tx, tmean, tvar, tw, tb, teps):  # noqa: ANN001, ANN205
+        x, mean, var, weight = ctx.saved_tensors
+        shape, inv, scale = _EvalBatchNorm._parts(ctx, x, mean, var, weight)
+        out = torch.zeros_like(x) if tx is None else tx * scale
+        if tw is not None:
+            out = out + (x - mean.view(shape)) * inv * tw.view(shape)
+        return out if tb is None else out + tb.view(shape)
+
+
+def _batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm``, with eval mode on the CPU through :class:`_EvalBatchNorm`: torch's CPU kernel
+    returns a wrong input gradient when the gradient reaching it is strided in some ways (eval
+    BatchNorm2d, then ``flatten(2).transpose(1, 2).reshape(...)[:, ::2, ::2]`` on a batch of one:
+    LeViT's subsampled queries, XCiT; torch 2.14.1, float32 and float64; forward mode, finite
+    differences and CUDA are right). The forward is torch's own, bit for bit."""
+    if training or running_mean is None or running_var is None or x.device.type != "cpu":
+        return torch.nn.functional.batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    return _EvalBatchNorm.apply(x, running_mean, running_var, weight, bias, eps)
+
+
+def _subsampled_tokens(grid: tuple[int, int], count: int, num_prefix: int = 0) -> Layout | None:
+    """Tokens subsampled by an integer stride ``s`` (LeViT's attention downsampling, MViTv2's pooled
+    queries: a grid of ``ceil(H / s) x ceil(W / s)`` tokens after the same ``num_prefix`` class
+    tokens), when ``count`` fits exactly one such stride."""
     fits = [
         ((grid[0] - 1) // s + 1, (grid[1] - 1) // s + 1)
         for s in range(2, max(grid) + 1)
-        if ((grid[0] - 1) // s + 1) * ((grid[1] - 1) // s + 1) == count
+        if ((grid[0] - 1) // s + 1) * ((grid[1] - 1) // s + 1) == count - num_prefix
     ]
-    return Layout.tokens(fits[0]) if len(set(fits)) == 1 else None
+    return Layout.tokens(fits[0], num_prefix) if len(set(fits)) == 1 else None
 
 
 class Tracer:
@@ -196,6 +266,8 @@ class Tracer:
         """Run a torch call as it is (not seen by the mode: the caller records it)."""
         muted, self._muted = self._muted, True
         try:
+            if func is torch.nn.functional.batch_norm:
+                return _batch_norm(*args, **kwargs)
             return func(*args, **kwargs)
         finally:
             self._muted = muted
@@ -370,8 +442,8 @@ class Tracer:
             return lay
         if t.dim() == 2 and t.shape[0] == batch:
             return Layout(("b", "c"))
-        if lay.kind == "tokens" and not lay.num_prefix and t.dim() == 3 and t.shape[0] == batch:
-            return _subsampled_tokens(lay.grid, t.shape[1])
+        if lay.kind == "tokens" and t.dim() == 3 and t.shape[0] == batch and t.shape[1] > lay.num_prefix:
+            return _subsampled_tokens(lay.grid, t.shape[1], lay.num_prefix)
         return None
 
     def _add_module_op(self, call: _Call, name: str, kind: str) -> None:
