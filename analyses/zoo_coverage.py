@@ -323,20 +323,18 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         return
 
     kinds: set[str] = set()
+    seen = {"classifier": True}  # (B, classes) outputs; else an encoder: a fixed random readout
 
     def capture() -> None:
         with asc.record(model) as rec, torch.no_grad():
-            model(x)
+            seen["classifier"] = model(x).dim() == 2
         row["ops"] = len(rec.ops)
         kinds.update(op.kind for op in rec.ops)
         row["collapsed"] = sum(op.kind == "block" for op in rec.ops)
 
-    with torch.no_grad():
-        classifier = model(x).dim() == 2  # else an encoder: a fixed random readout of its features
-
     def decomposition() -> None:
         errs, mass_errs, leaks = [], [], []
-        target = "pred" if classifier else feature_readout
+        target = "pred" if seen["classifier"] else feature_readout
         for t in TRANSFORMS:
             d = asc.decompose(model, x, t, target=target, output="logits", verify=None)
             errs.append(d.completeness_error)
@@ -348,7 +346,8 @@ def run_stages(name: str, opts: dict[str, Any], report: Callable[[dict[str, Any]
         row["leak"] = max(leaks)
 
     def lie() -> None:
-        asc.lie_derivative(model, x, "translate_x", output="logits" if classifier else feature_readout)
+        output = "logits" if seen["classifier"] else feature_readout
+        asc.lie_derivative(model, x, "translate_x", output=output)
 
     def spectrum() -> None:
         if not kinds or "nonlinearity" in kinds:
@@ -474,12 +473,11 @@ def sweep(
                 if row is None:  # killed at --stop-after: not recorded, picked up by the next run
                     continue
                 status = row["status"]
+                write_row(out, row)
                 if large and status == "skipped-too-large" and time.perf_counter() < stop_at:
-                    write_row(out, row)
-                    pending[submit_large(name)] = name
+                    pending[submit_large(name)] = name  # its row is replaced when this run ends
                     bar.grow(1)
                     continue
-                write_row(out, row)
                 done += 1
                 counts[status if status in ("ok", "skipped-too-large") else "failed"] += 1
                 bar(
