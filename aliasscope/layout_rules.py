@@ -329,7 +329,9 @@ def _reshape(layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) 
         out.extend(grouped)
     if len(out) != n_out:
         return None
-    out = [r if r != "b" or k == out.index("b") else "c" for k, r in enumerate(out)]  # one batch dim
+    if "b" in out:  # one batch dim: a batch split into (1, heads) keeps it on the first
+        first = out.index("b")
+        out = [r if r != "b" or k == first else "c" for k, r in enumerate(out)]
     if _DEPTH in out:
         return _space_to_depth(layout, out)
     out = ["bw" if r == _OUTER else r for r in out]

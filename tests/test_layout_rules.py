@@ -65,6 +65,8 @@ WIN6 = Layout(("b", "ho", "hi", "wo", "wi", "c"), WG, 0, WW)  # XS.view(2, 2, 2,
 WIN6P = Layout(("b", "ho", "wo", "hi", "wi", "c"), WG, 0, WW)  # ... .permute(0, 1, 3, 2, 4, 5)
 WINDOWS = Layout(("bw", "ni", "c"), WG, 0, WW)  # ... .reshape(-1, 4, 8)
 XW6 = _t(2, 2, 2, 2, 2, 8)
+WIN6CF = Layout(("b", "ho", "wo", "c", "hi", "wi"), WG, 0, WW)  # XW6.permute(0, 1, 2, 5, 3, 4)
+WIN6S2D = Layout(("b", "hi", "wi", "c", "ho", "wo"), WG, 0, WW)  # XW6.permute(0, 3, 4, 5, 1, 2)
 XW = _t(8, 4, 8)
 
 
@@ -201,7 +203,7 @@ RESHAPE = [
         2,
         4,
         32,
-        lays=[Layout(("b", "ho", "wo", "c", "hi", "wi"), WG, 0, WW)],
+        lays=[WIN6CF],
         expect=Layout.tokens((2, 2)),
     ),
     case(
@@ -212,7 +214,7 @@ RESHAPE = [
         32,
         2,
         2,
-        lays=[Layout(("b", "hi", "wi", "c", "ho", "wo"), WG, 0, WW)],
+        lays=[WIN6S2D],
         expect=BCHW,
     ),
     case("none-patchify-half-a-window", torch.Tensor.reshape, XW6, 2, 2, 2, 2, 16, lays=[WIN6P], expect=None),
@@ -450,7 +452,7 @@ CANVAS = torch.zeros(2, 3, 4, 6)
 WRITE = [
     case(
         "into-activation", setitem, X, (slice(None), slice(0, 1)), X2[:, :1], lays=[BCHW, BCHW], expect=BCHW
-    ),  # fmt: skip
+    ),
     case(
         "canvas-channels",
         setitem,
@@ -459,7 +461,7 @@ WRITE = [
         X[:, :2],
         lays=[CONST, BCHW],
         expect=BCHW,
-    ),  # fmt: skip
+    ),
     case(
         "canvas-ellipsis",
         setitem,
@@ -468,7 +470,7 @@ WRITE = [
         X[:, 1:3],
         lays=[CONST, BCHW],
         expect=BCHW,
-    ),  # fmt: skip
+    ),
     case("canvas-filled", view_scatter, CANVAS, X, lambda b: b, lays=[CONST, BCHW], expect=BCHW),
     case(
         "none-canvas-part-of-grid",
@@ -478,7 +480,7 @@ WRITE = [
         X[:, :, :2],
         lays=[CONST, BCHW],
         expect=None,
-    ),  # fmt: skip
+    ),
     case(
         "none-view-of-canvas",
         view_scatter,
@@ -487,7 +489,7 @@ WRITE = [
         lambda b: b[:, :1],
         lays=[CONST, BCHW],
         expect=None,
-    ),  # fmt: skip
+    ),
 ]
 BY_RULE = {
     "write": WRITE,

@@ -64,7 +64,7 @@ _ARGUMENT_RULES = (
 )
 
 
-_MOVES = RESHAPES | PERMUTES  # data moves: a crop (indexing, narrow) shrinks the grid, keeps its spacing
+_REARRANGES = RESHAPES | PERMUTES  # a crop (indexing, narrow) also shrinks the grid, but keeps its spacing
 
 
 def _is_eval_batchnorm(module: nn.Module) -> bool:
@@ -96,7 +96,7 @@ def _kind_of_call(name, func, args, kwargs, inputs, deps, layouts, outs, out_lay
     if "patch_embed" in path:
         return "patch_embed"
     named = kind_of_function(name)
-    if name in _MOVES and _coarsens_grid(layouts, deps, inputs, out_layouts, outs):
+    if name in _REARRANGES and _coarsens_grid(layouts, deps, inputs, out_layouts, outs):
         # a reshape that patchifies (space-to-depth): in an embedding module (NaFlexViT's ``embeds``)
         # it embeds patches, elsewhere it subsamples (TResNet's SpaceToDepth, Qwen3-ViT's merger)
         return "patch_embed" if "embed" in path else "downsampling"
