@@ -25,31 +25,99 @@ Quick start::
 
 __version__ = "0.1.0"
 
-from ._plots import (
-    plot_alias_vs_attribution,
-    plot_comparison,
-    plot_layer_attribution,
-    plot_lie_distribution,
-    plot_spectral,
-    plot_transforms,
-    plot_where,
-)
-from ._report import render_report, write_report
-from ._resampling import resample
-from .capture import KINDS, OpRecord, Recording, record
-from .comparison import Comparison, compare
-from .data import ImageBatch, load_images
-from .decomposition import Decomposition, SelfCheckWarning, decompose
-from .diagnosis import Diagnosis, diagnose
-from .figures import register_figure
-from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
-from .generators import GENERATORS, apply_generator, generator_names
-from .kinds import Kind, get_kind, register_kind
-from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
-from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
-from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
-from .spectrum import Spectrum, spectral
-from .transforms import TRANSFORMS, Transform, get_transform, transform_names
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS: dict[str, str] = {
+    "plot_alias_vs_attribution": "._plots",
+    "plot_comparison": "._plots",
+    "plot_layer_attribution": "._plots",
+    "plot_lie_distribution": "._plots",
+    "plot_spectral": "._plots",
+    "plot_transforms": "._plots",
+    "plot_where": "._plots",
+    "render_report": "._report",
+    "write_report": "._report",
+    "resample": "._resampling",
+    "LayerLieDerivative": ".captum",
+    "LieDerivativeAttribution": ".captum",
+    "KINDS": ".capture",
+    "OpRecord": ".capture",
+    "Recording": ".capture",
+    "record": ".capture",
+    "Comparison": ".comparison",
+    "compare": ".comparison",
+    "ImageBatch": ".data",
+    "load_images": ".data",
+    "Decomposition": ".decomposition",
+    "SelfCheckWarning": ".decomposition",
+    "decompose": ".decomposition",
+    "Diagnosis": ".diagnosis",
+    "diagnose": ".diagnosis",
+    "register_figure": ".figures",
+    "FIXES": ".fixes",
+    "blurpool": ".fixes",
+    "changes": ".fixes",
+    "circular_padding": ".fixes",
+    "filtered_activation": ".fixes",
+    "polyphase": ".fixes",
+    "GENERATORS": ".generators",
+    "apply_generator": ".generators",
+    "generator_names": ".generators",
+    "Kind": ".kinds",
+    "get_kind": ".kinds",
+    "register_kind": ".kinds",
+    "BCHW": ".layouts",
+    "BHWC": ".layouts",
+    "INVARIANT": ".layouts",
+    "Layout": ".layouts",
+    "infer_layout": ".layouts",
+    "EquivarianceMetrics": ".lie",
+    "equivariance_metrics": ".lie",
+    "finite_difference": ".lie",
+    "lie_derivative": ".lie",
+    "BUNDLED_MODELS": ".models",
+    "MissingWeightsError": ".models",
+    "Preprocess": ".models",
+    "available_pretrained": ".models",
+    "load_model": ".models",
+    "Spectrum": ".spectrum",
+    "spectral": ".spectrum",
+    "TRANSFORMS": ".transforms",
+    "Transform": ".transforms",
+    "get_transform": ".transforms",
+    "transform_names": ".transforms",
+}
+"""Where each public name lives: imported on first use (PEP 562), so that ``aliasscope --help``
+and ``import aliasscope`` do not load timm, matplotlib and captum before they are needed."""
+
+if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
+    from ._plots import (
+        plot_alias_vs_attribution,
+        plot_comparison,
+        plot_layer_attribution,
+        plot_lie_distribution,
+        plot_spectral,
+        plot_transforms,
+        plot_where,
+    )
+    from ._report import render_report, write_report
+    from ._resampling import resample
+    from .captum import LayerLieDerivative, LieDerivativeAttribution
+    from .capture import KINDS, OpRecord, Recording, record
+    from .comparison import Comparison, compare
+    from .data import ImageBatch, load_images
+    from .decomposition import Decomposition, SelfCheckWarning, decompose
+    from .diagnosis import Diagnosis, diagnose
+    from .figures import register_figure
+    from .fixes import FIXES, blurpool, changes, circular_padding, filtered_activation, polyphase
+    from .generators import GENERATORS, apply_generator, generator_names
+    from .kinds import Kind, get_kind, register_kind
+    from .layouts import BCHW, BHWC, INVARIANT, Layout, infer_layout
+    from .lie import EquivarianceMetrics, equivariance_metrics, finite_difference, lie_derivative
+    from .models import BUNDLED_MODELS, MissingWeightsError, Preprocess, available_pretrained, load_model
+    from .spectrum import Spectrum, spectral
+    from .transforms import TRANSFORMS, Transform, get_transform, transform_names
 
 __all__ = [
     "Comparison",
@@ -124,9 +192,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Load the captum classes on first use."""
-    if name in ("LayerLieDerivative", "LieDerivativeAttribution"):
-        from . import captum
+    """Import a public name's module on first use and keep the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aliasscope' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(captum, name)
-    raise AttributeError(f"module 'aliasscope' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -268,6 +268,7 @@ class Diagnosis(Result):
         out.update(
             top1=self.top1,
             seconds=None if total is None else round(total, 2),
+            timings={k: round(v, 3) for k, v in self.timings.items() if k != "total"},
             versions=dict(self.versions),
             intervals={t: list(v) for t, v in self.metrics.interval().items()},
             metrics=json.loads(self.metrics.to_json()),

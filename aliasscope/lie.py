@@ -3,7 +3,8 @@
 ``L_X F(x) = d/dt rho(-t) F(rho(t) x) |_{t=0} = J_F(x) . (D x) - D F(x)``, the second term only when
 the output is image-like (feature maps, token grids); for invariant outputs (logits) rho acts on the
 output as the identity. ``D x`` is computed once by the chosen generator, then pushed through the
-model with one forward-mode Jacobian-vector product (:func:`aliasscope._forward_mode.jvp`).
+model with one forward-mode Jacobian-vector product (:func:`aliasscope._forward_mode.jvp`); several
+transforms share one pass (:mod:`aliasscope._lie_pass`: the primal once, the tangents together).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from ._checks import (
     check_transforms,
     names_nonfinite_images,
     output_hint,
+    raise_nonfinite,
 )
-from ._forward_mode import jvp
+from ._lie_pass import GraphedMetricPass, MetricPass
 from ._resampling import resample
-from .generators import apply_generator, get_generator
+from .generators import get_generator
 from .layouts import Layout, infer_layout
 from .results import Result
 from .transforms import get_transform
@@ -116,8 +118,9 @@ def _validate_names(transform: Any, generator: str) -> None:
 def lie_derivative(
     model: nn.Module,
     images: torch.Tensor,
-    transform: str,
+    transform: str | None = None,
     *,
+    transforms: Sequence[str] | None = None,
     output: Output = "logits",
     generator: str = "central",
     output_layout: Layout | None = None,
@@ -132,6 +135,9 @@ def lie_derivative(
         (B, C, H, W) float tensor, as the model takes it (normalised).
     transform:
         A name from :data:`aliasscope.transforms.TRANSFORMS`.
+    transforms:
+        Instead of ``transform``: several names, computed in one pass (the primal once, the
+        tangents together: :func:`aliasscope._lie_pass.jvp_many`), the same values as one call each.
     output:
         ``"logits"`` (the raw output), ``"softmax"``, ``"log_softmax"`` or a callable on the output.
     generator:
@@ -142,20 +148,22 @@ def lie_derivative(
     Returns
     -------
     torch.Tensor
-        Shaped like the output: ``J_F(x) D x``, minus ``D F(x)`` when the output is image-like.
+        Shaped like the output: ``J_F(x) D x``, minus ``D F(x)`` when the output is image-like; with
+        ``transforms``, (K, *output shape), one slice per transform in their order.
     """
-    _validate_names(transform, generator)
+    if (transform is None) == (transforms is None):
+        raise TypeError("lie_derivative takes one transform, or transforms=[...]: not both, not neither")
+    names = [transform] if transforms is None else check_transforms(transforms)
+    for name in names:
+        _validate_names(name, generator)
     model = check_model(model)
     images = check_images(images, model)
     fn = _composed(model, output)
     with borrowed(model), torch.no_grad():
-        dx = apply_generator(images, transform, generator)
-        y, dy = jvp(fn, images.clone(), dx)  # a copy: a model may write into its input
+        step = MetricPass(fn, names, generator, lambda y: output_layout or infer_layout(y, model))
+        y, dy = step.lie(images)
         check_finite_output(model, images, y, _output_fn(output))
-        layout = output_layout or infer_layout(y, model)
-        if layout.is_image_like:
-            dy = dy - apply_generator(y, transform, generator, layout)
-    return dy
+    return dy[0] if transforms is None else dy
 
 
 def _act(x: torch.Tensor, transform: str, t: float, generator: str, layout: Layout) -> torch.Tensor:
@@ -349,8 +357,14 @@ def equivariance_metrics(
     output: str = "softmax",
     batch_size: int = 32,
     progress: bool = True,
+    cuda_graph: bool | None = None,
 ) -> EquivarianceMetrics:
     """The paper's end-to-end metric: per image and transform, ``mean_classes |L_X softmax(F(x))|``.
+
+    All transforms of a batch go through the model in one pass (:func:`aliasscope._lie_pass.jvp_many`:
+    the primal once, the K tangents together); on CUDA the pass is captured as a CUDA graph and
+    replayed for every further full batch (checked against the eager pass first). Out of GPU memory,
+    the transforms are split into smaller groups, then the batch is halved.
 
     Parameters
     ----------
@@ -361,7 +375,11 @@ def equivariance_metrics(
     output:
         ``"softmax"`` as in the paper; ``"logits"``/``"log_softmax"`` also accepted.
     batch_size, progress:
-        Images per jvp, and whether to show a tqdm bar.
+        Images per pass, and whether to show a tqdm bar.
+    cuda_graph:
+        ``None`` (default): replay a CUDA graph when the images are on a CUDA device and there are at
+        least two full batches; ``False``: always eager; ``True``: as None, but an error where it
+        cannot apply. A capture that fails or disagrees with the eager pass warns and runs eagerly.
     """
     files = getattr(images, "files", None)
     images = getattr(images, "images", images)
@@ -371,21 +389,72 @@ def equivariance_metrics(
     model = check_model(model)
     images = check_images(images, model)
     batch_size = check_int("batch_size", batch_size)
-    values = torch.empty(images.shape[0], len(names), dtype=torch.float64)
-    starts = range(0, images.shape[0], batch_size)
-    with tqdm(
-        total=len(starts) * len(names), desc="Lie derivatives", unit="jvp", disable=not progress
-    ) as bar:
-        for s in starts:
+    n = images.shape[0]
+    graphable = images.is_cuda and n >= 2 * batch_size
+    if cuda_graph and not graphable:
+        raise ValueError(
+            "cuda_graph=True cannot apply: it needs images on a CUDA device and at least two full "
+            f"batches of batch_size={batch_size} (got {n} images on {images.device})"
+        )
+    fn = _composed(model, output)
+    values = torch.empty(n, len(names), dtype=torch.float64, device=images.device)
+    finite: list[torch.Tensor] = []
+    group, graphed = len(names), None
+    with (
+        borrowed(model),
+        torch.no_grad(),
+        tqdm(total=n, desc="Lie derivatives", unit="image", disable=not progress) as bar,
+    ):
+        layout_of = _cached_layout(model)
+        s = 0
+        while s < n:
             chunk = images[s : s + batch_size]
-            for j, name in enumerate(names):
-                lie = lie_derivative(model, chunk, name, output=output, generator=generator)
-                values[s : s + chunk.shape[0], j] = lie.abs().flatten(1).mean(1).double().cpu()
-                bar.update()
+            try:
+                if graphed is not None and chunk.shape[0] == batch_size:
+                    y, vals = graphed(chunk)
+                    finite.append(torch.isfinite(y).all())
+                    values[s : s + batch_size] = vals
+                elif graphable and cuda_graph is not False and group == len(names) and s == 0:
+                    step = MetricPass(fn, names, generator, layout_of)
+                    graphed, y, vals = GraphedMetricPass.capture(step, chunk)
+                    finite.append(torch.isfinite(y).all())
+                    values[s : s + batch_size] = vals
+                else:
+                    for j in range(0, len(names), group):
+                        y, vals = MetricPass(fn, names[j : j + group], generator, layout_of)(chunk)
+                        finite.append(torch.isfinite(y).all())
+                        values[s : s + chunk.shape[0], j : j + group] = vals
+            except torch.OutOfMemoryError:
+                if group == 1 and batch_size == 1:
+                    raise
+                graphed, graphable = None, False
+                if group > 1:
+                    group = (group + 1) // 2
+                else:
+                    batch_size //= 2
+                torch.cuda.empty_cache()
+                continue
+            s += chunk.shape[0]
+            bar.update(chunk.shape[0])
+        del graphed
+        if finite and not torch.stack(finite).all():  # the one host sync of the loop
+            raise_nonfinite(model, images, _output_fn(output), batch_size)
     return EquivarianceMetrics(
-        values,
+        values.cpu(),
         names,
         generator,
         output if isinstance(output, str) else "custom",
         list(files) if files is not None else None,
     )
+
+
+def _cached_layout(model: nn.Module) -> Callable[[torch.Tensor], Layout]:
+    """The output's layout, inferred from the first output seen (shapes only: no host sync)."""
+    seen: list[Layout] = []
+
+    def layout_of(y: torch.Tensor) -> Layout:
+        if not seen:
+            seen.append(infer_layout(y, model))
+        return seen[0]
+
+    return layout_of

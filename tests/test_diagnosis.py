@@ -25,6 +25,7 @@ def _strict(d: dict) -> dict:
     d = json.loads(to_json_text(d))
     d.pop("provenance", None)
     d.pop("seconds", None)
+    d.pop("timings", None)
     return d
 
 
