@@ -71,7 +71,10 @@ def _common_arguments(p: argparse.ArgumentParser, transforms: list[str] | None, 
         "reference code, 'fourier' is band-limited)",
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)"
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per pass (default: 16 on the CPU; on a GPU 64, 32 or 16 by its free memory)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument(
@@ -243,6 +246,7 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
     from ._plots import plot_comparison
     from .comparison import compare
     from .data import load_images
+    from .diagnosis import auto_batch_size
     from .fixes import apply_fixes, changes
 
     model, preprocess = _load(args)
@@ -267,7 +271,7 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
         generator=args.generator,
         layer_images=args.layer_images,
         spectral_images=args.spectral_images,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or auto_batch_size(torch.device(args.device)),
         seed=args.seed,
         progress=not args.quiet,
     )

@@ -25,7 +25,7 @@ from .results import Result
 from .spectrum import Spectrum, alias_of
 from .spectrum import spectral as _spectral_fn
 
-__all__ = ["Diagnosis", "Join", "alias_join", "diagnose", "parse_target", "versions"]
+__all__ = ["Diagnosis", "Join", "alias_join", "auto_batch_size", "diagnose", "parse_target", "versions"]
 
 ALIAS_FLOOR = 1e-9
 """Ops whose alias is at most this (rounding: eval BatchNorm, per-pixel linear maps) are not ranked by
@@ -121,33 +121,40 @@ def alias_join(spectrum: Spectrum, decompositions: Mapping[str, Decomposition] |
     return Join(rows, pairs, rho, p)
 
 
-def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    from ._borrow import borrowed
-    from ._checks import check_labels
-    from .comparison import predict, top1
-
-    with borrowed(model), torch.no_grad():  # eval mode, given back as it came
-        y = model(images[:1])
-        labels = check_labels(labels, images.shape[0], y.shape[-1] if isinstance(y, torch.Tensor) else None)
-        return top1(predict(model, images, batch_size), labels)
+def auto_batch_size(device: torch.device) -> int:
+    """Images per pass when none is given: 16 on the CPU; on a CUDA device 64, 32 or 16 by its free
+    memory (>= 48 GiB, >= 20 GiB, less): larger batches mean fewer passes and launches, and the
+    layer decomposition holds every op's output and gradient of a batch."""
+    if device.type != "cuda":
+        return 16
+    free = torch.cuda.mem_get_info(device)[0] / 2**30
+    return 64 if free >= 48 else 32 if free >= 20 else 16
 
 
 def _predictions(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int
-) -> dict[str, Any]:
-    """Per image: the predicted class, its softmax probability and the label (None when unlabelled)."""
+) -> tuple[float | None, dict[str, Any]]:
+    """One forward pass over the images: top-1 accuracy (None when unlabelled) and, per image, the
+    predicted class (the logits' argmax), its softmax probability and the label."""
     from ._borrow import borrowed
+    from ._checks import check_labels
 
-    classes: list[int] = []
-    probs: list[float] = []
+    classes: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []
     with borrowed(model), torch.no_grad():  # eval mode, given back as it came
         for s in range(0, images.shape[0], batch_size):
-            conf, idx = model(images[s : s + batch_size]).softmax(-1).max(-1)
-            classes += idx.cpu().tolist()
-            probs += conf.double().cpu().tolist()
-    return {
-        "predicted_class": classes,
-        "probability": probs,
+            logits = model(images[s : s + batch_size])
+            if s == 0 and labels is not None:  # bad labels fail before any other work
+                width = logits.shape[-1] if isinstance(logits, torch.Tensor) else None
+                labels = check_labels(labels, images.shape[0], width)
+            idx = logits.argmax(-1)
+            classes.append(idx)
+            probs.append(logits.softmax(-1).gather(-1, idx[:, None])[:, 0].double())
+    predicted = torch.cat(classes).cpu()
+    top1 = None if labels is None else (predicted == labels.cpu()).double().mean().item()
+    return top1, {
+        "predicted_class": predicted.tolist(),
+        "probability": torch.cat(probs).cpu().tolist(),
         "label": None if labels is None else labels.tolist(),
     }
 
@@ -171,7 +178,8 @@ class Diagnosis(Result):
     stage, ``total`` for the whole run); ``settings`` (what summary.json records: model, images,
     generator, ...); ``versions``. ``model``, ``images`` (on the measuring device), ``files`` and
     ``preprocess`` are kept for the figures. ``where`` is filled in by the where-in-the-image figures
-    when they are drawn (which images they show) and then appears in :meth:`to_dict`.
+    when they are drawn (which images they show) and then appears in :meth:`to_dict`; ``prepared``
+    holds what a figure computed for its drawing (:mod:`aliasscope.figures`, ``Figure.prepare``).
 
     As a :class:`~aliasscope.results.Result`: :attr:`table` is :meth:`per_image_rows` (per_image.csv),
     :meth:`to_json` is summary.json without its provenance, :meth:`plot` the metrics' figure
@@ -195,6 +203,7 @@ class Diagnosis(Result):
     files: list[str] | None = None
     preprocess: Any = field(default=None, repr=False)
     where: dict[str, Any] | None = None
+    prepared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_images(self) -> int:
@@ -320,7 +329,7 @@ def diagnose(
     layer_transforms: Sequence[str] | None = ("translate_x", "rotate", "scale"),
     target: str | int | None = "pred",
     generator: str = "central",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     spectral: bool = True,
     upsample: int = 4,
     spectral_images: int = 4,
@@ -345,7 +354,7 @@ def diagnose(
     :class:`~aliasscope.models.Preprocess` that made the images (recorded; the figures use its
     mean/std to show the photos). ``settings``: entries that override what the summary records
     (``model``, ``pretrained``, ``images``, ``device``, ``dtype``, ``seed``, ...: the CLI records its
-    arguments there).
+    arguments there). ``batch_size``: images per pass, None for :func:`auto_batch_size`.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -361,6 +370,7 @@ def diagnose(
     except (StopIteration, AttributeError):
         device = x.device
     x = x.to(device)
+    batch_size = auto_batch_size(x.device) if batch_size is None else batch_size
     record: dict[str, Any] = {
         "model": type(model).__name__,
         "pretrained": None,
@@ -383,12 +393,11 @@ def diagnose(
     record.update(settings or {})
 
     clock = time.perf_counter()
-    top1 = None if labels is None else _top1(model, x, labels, batch_size)
+    top1, predictions = _predictions(model, x, labels, batch_size)
     source = x if files is None else _Batch(x, list(files))
     metrics = equivariance_metrics(
         model, source, transforms, generator=generator, batch_size=batch_size, progress=progress
     )
-    predictions = _predictions(model, x, labels, batch_size)
     timings["metrics"] = time.perf_counter() - clock
 
     decs: dict[str, Decomposition] = {}

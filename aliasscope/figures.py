@@ -46,7 +46,9 @@ class Figure:
     transform); ``caption(summary, key)``: the HTML caption under it, from the summary dict;
     ``draw(diagnosis, path, key)``: draws it, writes ``path.png|svg`` and returns the matplotlib
     Figure; ``applies(diagnosis)``: whether the run has what it shows; ``order``: its place in the
-    report (smaller first)."""
+    report (smaller first); ``prepare(diagnosis, key)``: the figure's own computation with the model
+    (run first, in the main process, on the model's device), leaving what ``draw`` needs in
+    ``diagnosis.prepared[key]`` on the CPU, so that ``draw`` only plots (and can run in a worker)."""
 
     key: str
     title: str
@@ -55,6 +57,7 @@ class Figure:
     applies: Callable[[Diagnosis], bool] = field(default=_always)
     order: float = 100.0
     per_transform: bool = False
+    prepare: Callable[[Diagnosis, str], None] | None = None
 
     def keys(self, transforms: list[str]) -> list[str]:
         """The file keys of this figure for a run with these layer transforms."""
@@ -111,15 +114,112 @@ def report_keys(summary: dict[str, Any]) -> list[str]:
     return keys
 
 
-def draw_figures(diagnosis: Diagnosis, folder: Path, progress: bool = True) -> dict[str, Path]:
-    """Draw every figure that applies into ``folder/<key>.png|svg``; returns {key: png path}."""
+def draw_figures(
+    diagnosis: Diagnosis, folder: Path, progress: bool = True, jobs: int | None = None
+) -> dict[str, Path]:
+    """Draw every figure that applies into ``folder/<key>.png|svg``; returns {key: png path}.
+
+    Each figure's ``prepare`` runs first, here; the plotting (matplotlib: most of the time, about
+    0.5-2 s a figure) then runs in ``jobs`` forked worker processes (default: one per figure, at
+    most the CPUs; 1: all here). Workers see a CPU copy of the results, never the model or a GPU;
+    a figure a worker could not draw is drawn here again, so the files are the same either way.
+    """
     from tqdm.auto import tqdm
 
-    paths = {}
-    for key, spec in tqdm(figure_keys(diagnosis), desc="figures", disable=not progress):
-        spec.draw(diagnosis, folder / key, key)  # a bare Figure (not in pyplot's list): freed with it
-        paths[key] = folder / f"{key}.png"
+    keys = figure_keys(diagnosis)
+    for key, spec in keys:
+        if spec.prepare is not None:
+            spec.prepare(diagnosis, key)
+    paths = {key: folder / f"{key}.png" for key, _ in keys}
+    todo = dict(keys)
+    with tqdm(total=len(keys), desc="figures", disable=not progress) as bar:
+        workers = _workers(jobs, len(keys))
+        if workers > 1:
+            for key in _draw_forked(_on_cpu(diagnosis), folder, list(todo), workers):
+                del todo[key]
+                bar.update()
+        for key, spec in todo.items():  # serial, or what the workers could not draw
+            spec.draw(diagnosis, folder / key, key)  # a bare Figure (not in pyplot's list): freed with it
+            bar.update()
     return paths
+
+
+def _workers(jobs: int | None, figures: int) -> int:
+    import multiprocessing
+    import os
+    import sys
+
+    if jobs is not None:
+        return max(1, min(jobs, figures))
+    if not sys.platform.startswith("linux"):  # fork is the only start method that needs no pickling
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
+    return max(1, min(cpus, figures))
+
+
+_FORKED: tuple[Diagnosis, Path] | None = None
+"""What a forked worker draws from (inherited through fork, never pickled)."""
+
+
+def _draw_forked(diagnosis: Diagnosis, folder: Path, keys: list[str], workers: int) -> list[str]:
+    """Draw ``keys`` in ``workers`` forked processes; returns the keys drawn (as they finish)."""
+    import multiprocessing
+    import warnings
+
+    global _FORKED
+    _FORKED = (diagnosis, folder)
+    done = []
+    try:
+        with warnings.catch_warnings():
+            # forking a process that has threads is safe here: workers only plot and write files
+            warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks.*")
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for key, ok in pool.imap_unordered(_draw_in_worker, keys):
+                    if ok:
+                        done.append(key)
+    except OSError:  # no processes to be had: everything is drawn here
+        pass
+    finally:
+        _FORKED = None
+    return done
+
+
+def _draw_in_worker(key: str) -> tuple[str, bool]:
+    import torch
+
+    torch.set_num_threads(1)
+    assert _FORKED is not None
+    diagnosis, folder = _FORKED
+    try:
+        figure_spec(key).draw(diagnosis, folder / key, key)
+    except Exception:  # drawn again in the main process, where its error (if any) is raised
+        return key, False
+    return key, True
+
+
+def _on_cpu(diagnosis: Diagnosis) -> Diagnosis:
+    """A copy of ``diagnosis`` for the workers: every tensor of its results on the CPU, no model."""
+    import dataclasses
+
+    import torch
+
+    def cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.cpu()
+        if isinstance(value, dict):
+            return {k: cpu(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            items = [cpu(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: cpu(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+            return dataclasses.replace(value, **fields)
+        return value
+
+    results = ("metrics", "decompositions", "spectrum", "join", "images", "prepared")
+    return dataclasses.replace(
+        diagnosis, model=None, **{name: cpu(getattr(diagnosis, name)) for name in results}
+    )
 
 
 # ---- the figures of aliasscope diagnose ---------------------------------------------------------
@@ -235,8 +335,8 @@ def _alias_caption(summary: dict[str, Any], key: str) -> str:
     )
 
 
-def _draw_where(d: Diagnosis, path: Path, key: str):
-    from . import _plots as plots
+def _prepare_where(d: Diagnosis, key: str) -> None:
+    """The where figure's decomposition with per-pixel maps (on the model's device), kept on the CPU."""
     from .decomposition import decompose
     from .diagnosis import parse_target
 
@@ -260,9 +360,18 @@ def _draw_where(d: Diagnosis, path: Path, key: str):
         generator=d.settings.get("generator", "central"),
         keep_maps=True,
     )
-    reference = d.decompositions[transform] if target is not None else None
+    d.prepared[key] = {"x": x.cpu(), "dec": dec, "reference": target is not None, "titles": titles}
+
+
+def _draw_where(d: Diagnosis, path: Path, key: str):
+    from . import _plots as plots
+
+    if key not in d.prepared:
+        _prepare_where(d, key)
+    p = d.prepared[key]
+    reference = d.decompositions[key[len("where_") :]] if p["reference"] else None
     shown = {} if d.preprocess is None else {"mean": d.preprocess.mean, "std": d.preprocess.std}
-    return plots.plot_where(x, dec, path, reference=reference, titles=titles, **shown)
+    return plots.plot_where(p["x"], p["dec"], path, reference=reference, titles=p["titles"], **shown)
 
 
 def _draw_alias(d: Diagnosis, path: Path, key: str):
@@ -321,6 +430,7 @@ register_figure(
         applies=lambda d: bool(d.decompositions) and d.settings.get("where_images", 3) > 0,
         order=30,
         per_transform=True,
+        prepare=_prepare_where,
     )
 )
 register_figure(

@@ -143,3 +143,58 @@ def test_the_per_image_distribution_figure(tmp_path: Path) -> None:
     spec = figures.FIGURES["lie_distribution"]
     assert spec.title == "Lie derivative per image"
     assert "3 images" in spec.caption({"num_images": 3}, spec.key)
+
+
+def _small_diagnosis(tmp_path: Path) -> Diagnosis:
+    imgs = photos(tmp_path / "imgs", 2)
+    torch.manual_seed(0)
+    model, preprocess = asc.load_model("test_efficientnet", pretrained=False)
+    return asc.diagnose(
+        model, asc.load_images(str(imgs), preprocess), transforms=["rotate"], layer_transforms=["rotate"],
+        upsample=2, spectral_images=1, progress=False, preprocess=preprocess,
+    )  # fmt: skip
+
+
+def test_figures_drawn_by_workers_equal_those_drawn_here(tmp_path: Path, monkeypatch) -> None:
+    result = _small_diagnosis(tmp_path)
+    by_workers: list[str] = []
+    forked = figures._draw_forked
+
+    def counted(*args):
+        by_workers.extend(forked(*args))
+        return by_workers
+
+    monkeypatch.setattr(figures, "_draw_forked", counted)
+    here = figures.draw_figures(result, tmp_path / "here", progress=False, jobs=1)
+    assert not by_workers
+    there = figures.draw_figures(result, tmp_path / "workers", progress=False, jobs=3)
+    assert list(there) == list(here) and "where_rotate" in here
+    assert sorted(by_workers) == sorted(here)  # every figure was drawn by a worker, none here again
+    for key in here:
+        assert (tmp_path / "here" / f"{key}.png").read_bytes() == (
+            tmp_path / "workers" / f"{key}.png"
+        ).read_bytes()
+    assert result.where is not None and result.where["images"] == 2  # set by prepare, in this process
+
+
+def test_a_figure_a_worker_cannot_draw_is_drawn_here(tmp_path: Path, monkeypatch) -> None:
+    """Workers never see the model: a figure that needs it (and has no prepare) fails there and is
+    drawn in the main process."""
+
+    def draw(d, path, key):
+        from aliasscope._plots import plot_transforms
+
+        assert d.model is not None, "workers have no model"
+        return plot_transforms(d.metrics, path)
+
+    by_workers: list[str] = []
+    forked = figures._draw_forked
+    monkeypatch.setattr(figures, "_draw_forked", lambda *a: by_workers.extend(forked(*a)) or by_workers)
+    spec = register_figure(Figure("needs_model", "Needs the model", lambda s, k: "", draw, order=11))
+    try:
+        result = _small_diagnosis(tmp_path)
+        paths = figures.draw_figures(result, tmp_path / "f", progress=False, jobs=2)
+        assert paths["needs_model"].exists() and (tmp_path / "f" / "needs_model.svg").exists()
+        assert "transforms" in by_workers and "needs_model" not in by_workers
+    finally:
+        del figures.FIGURES[spec.key]
