@@ -119,29 +119,31 @@ def draw_figures(
 ) -> dict[str, Path]:
     """Draw every figure that applies into ``folder/<key>.png|svg``; returns {key: png path}.
 
-    Each figure's ``prepare`` runs first, here; the plotting (matplotlib: most of the time, about
-    0.5-2 s a figure) then runs in ``jobs`` forked worker processes (default: one per figure, at
-    most the CPUs; 1: all here). Workers see a CPU copy of the results, never the model or a GPU;
-    a figure a worker could not draw is drawn here again, so the files are the same either way.
+    Every figure's ``prepare`` runs here first (it may use the model and the GPU); the plotting
+    (matplotlib: most of the time, about 0.5-2 s a figure) then runs in forked processes, one per
+    figure, at most ``jobs`` at a time (default: the CPUs; 1: everything here). A worker sees a CPU
+    copy of the results, never the model or a GPU; a figure a worker could not draw is drawn here
+    again, so the files are the same either way.
     """
     from tqdm.auto import tqdm
 
     keys = figure_keys(diagnosis)
-    for key, spec in keys:
-        if spec.prepare is not None:
-            spec.prepare(diagnosis, key)
-    paths = {key: folder / f"{key}.png" for key, _ in keys}
-    todo = dict(keys)
+    workers = _workers(jobs, len(keys))
+    redo: list[str] = []
     with tqdm(total=len(keys), desc="figures", disable=not progress) as bar:
-        workers = _workers(jobs, len(keys))
-        if workers > 1:
-            for key in _draw_forked(_on_cpu(diagnosis), folder, list(todo), workers):
-                del todo[key]
-                bar.update()
-        for key, spec in todo.items():  # serial, or what the workers could not draw
-            spec.draw(diagnosis, folder / key, key)  # a bare Figure (not in pyplot's list): freed with it
+        for key, spec in keys:  # first, with every core (prepare and plot at once thrash 2-core machines)
+            if spec.prepare is not None:
+                spec.prepare(diagnosis, key)
+        pool = _ForkedFigures(diagnosis, folder, workers, bar) if workers > 1 else None
+        for key, _ in keys:
+            if pool is None or not pool.start(key):
+                redo.append(key)
+        if pool is not None:
+            redo += pool.join()
+        for key in redo:  # drawn here: serial, or what a worker could not draw
+            figure_spec(key).draw(diagnosis, folder / key, key)  # a bare Figure: freed with it
             bar.update()
-    return paths
+    return {key: folder / f"{key}.png" for key, _ in keys}
 
 
 def _workers(jobs: int | None, figures: int) -> int:
@@ -161,30 +163,63 @@ _FORKED: tuple[Diagnosis, Path] | None = None
 """What a forked worker draws from (inherited through fork, never pickled)."""
 
 
-def _draw_forked(diagnosis: Diagnosis, folder: Path, keys: list[str], workers: int) -> list[str]:
-    """Draw ``keys`` in ``workers`` forked processes; returns the keys drawn (as they finish)."""
-    import multiprocessing
-    import warnings
+class _ForkedFigures:
+    """Figures drawn in forked processes, ``workers`` at a time, each from a CPU copy of the
+    results (:func:`_on_cpu`)."""
 
-    global _FORKED
-    _FORKED = (diagnosis, folder)
-    done = []
-    try:
-        with warnings.catch_warnings():
-            # forking a process that has threads is safe here: workers only plot and write files
-            warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks.*")
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for key, ok in pool.imap_unordered(_draw_in_worker, keys):
-                    if ok:
-                        done.append(key)
-    except OSError:  # no processes to be had: everything is drawn here
-        pass
-    finally:
-        _FORKED = None
-    return done
+    def __init__(self, diagnosis: Diagnosis, folder: Path, workers: int, bar: Any) -> None:
+        import multiprocessing
+
+        self.folder, self.workers, self.bar = folder, workers, bar
+        self.context = multiprocessing.get_context("fork")
+        self.running: list[tuple[str, Any]] = []
+        self.failed: list[str] = []
+        self.view = _on_cpu(diagnosis)
+
+    def start(self, key: str) -> bool:
+        """Fork a worker for ``key`` (after waiting for a free one); False when none could start."""
+        import warnings
+
+        global _FORKED
+        while len(self.running) >= self.workers:
+            self._reap(block=True)
+        _FORKED = (self.view, self.folder)
+        try:
+            with warnings.catch_warnings():
+                # forking a process that has threads is safe here: the worker only plots and writes
+                warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks.*")
+                process = self.context.Process(target=_draw_in_worker, args=(key,), daemon=True)
+                process.start()
+        except OSError:  # no process to be had: drawn in the main process
+            return False
+        finally:
+            _FORKED = None
+        self.running.append((key, process))
+        return True
+
+    def _reap(self, block: bool) -> None:
+        from multiprocessing.connection import wait
+
+        if block:
+            wait([p.sentinel for _, p in self.running])
+        for key, process in [(k, p) for k, p in self.running if not p.is_alive()]:
+            process.join()
+            self.running.remove((key, process))
+            if process.exitcode == 0:
+                self.bar.update()
+            else:
+                self.failed.append(key)
+
+    def join(self) -> list[str]:
+        """Wait for every worker; returns the keys they could not draw."""
+        while self.running:
+            self._reap(block=True)
+        return self.failed
 
 
-def _draw_in_worker(key: str) -> tuple[str, bool]:
+def _draw_in_worker(key: str) -> None:
+    import sys
+
     import torch
 
     torch.set_num_threads(1)
@@ -193,8 +228,7 @@ def _draw_in_worker(key: str) -> tuple[str, bool]:
     try:
         figure_spec(key).draw(diagnosis, folder / key, key)
     except Exception:  # drawn again in the main process, where its error (if any) is raised
-        return key, False
-    return key, True
+        sys.exit(1)
 
 
 def _on_cpu(diagnosis: Diagnosis) -> Diagnosis:

@@ -155,16 +155,31 @@ def _small_diagnosis(tmp_path: Path) -> Diagnosis:
     )  # fmt: skip
 
 
+def _drawn_by_workers(monkeypatch) -> list[str]:
+    """The keys that forked workers drew (filled in when they are joined)."""
+    started: list[str] = []
+    drawn: list[str] = []
+    start, join = figures._ForkedFigures.start, figures._ForkedFigures.join
+
+    def counted_start(self, key):
+        ok = start(self, key)
+        if ok:
+            started.append(key)
+        return ok
+
+    def counted_join(self):
+        failed = join(self)
+        drawn.extend(k for k in started if k not in failed)
+        return failed
+
+    monkeypatch.setattr(figures._ForkedFigures, "start", counted_start)
+    monkeypatch.setattr(figures._ForkedFigures, "join", counted_join)
+    return drawn
+
+
 def test_figures_drawn_by_workers_equal_those_drawn_here(tmp_path: Path, monkeypatch) -> None:
     result = _small_diagnosis(tmp_path)
-    by_workers: list[str] = []
-    forked = figures._draw_forked
-
-    def counted(*args):
-        by_workers.extend(forked(*args))
-        return by_workers
-
-    monkeypatch.setattr(figures, "_draw_forked", counted)
+    by_workers = _drawn_by_workers(monkeypatch)
     here = figures.draw_figures(result, tmp_path / "here", progress=False, jobs=1)
     assert not by_workers
     there = figures.draw_figures(result, tmp_path / "workers", progress=False, jobs=3)
@@ -187,9 +202,7 @@ def test_a_figure_a_worker_cannot_draw_is_drawn_here(tmp_path: Path, monkeypatch
         assert d.model is not None, "workers have no model"
         return plot_transforms(d.metrics, path)
 
-    by_workers: list[str] = []
-    forked = figures._draw_forked
-    monkeypatch.setattr(figures, "_draw_forked", lambda *a: by_workers.extend(forked(*a)) or by_workers)
+    by_workers = _drawn_by_workers(monkeypatch)
     spec = register_figure(Figure("needs_model", "Needs the model", lambda s, k: "", draw, order=11))
     try:
         result = _small_diagnosis(tmp_path)
