@@ -243,10 +243,10 @@ def _fix_into(out: OutputFolder, args: argparse.Namespace, chains: list[list[str
     """The work of ``aliasscope fix`` into the open output folder; returns comparison.json's text."""
     from dataclasses import replace
 
+    from ._batching import auto_batch_size
     from ._plots import plot_comparison
     from .comparison import compare
     from .data import load_images
-    from .diagnosis import auto_batch_size
     from .fixes import apply_fixes, changes
 
     model, preprocess = _load(args)

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._batching import auto_batch_size
 from .decomposition import Decomposition, decompose
 from .lie import EquivarianceMetrics, equivariance_metrics
 from .results import Result
 from .spectrum import Spectrum, alias_of
 from .spectrum import spectral as _spectral_fn
 
-__all__ = ["Diagnosis", "Join", "alias_join", "auto_batch_size", "diagnose", "parse_target", "versions"]
+__all__ = ["Diagnosis", "Join", "alias_join", "diagnose", "parse_target", "versions"]
 
 ALIAS_FLOOR = 1e-9
 """Ops whose alias is at most this (rounding: eval BatchNorm, per-pixel linear maps) are not ranked by
@@ -119,16 +120,6 @@ def alias_join(spectrum: Spectrum, decompositions: Mapping[str, Decomposition] |
         res = stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])
         rho, p = float(res.statistic), float(res.pvalue)
     return Join(rows, pairs, rho, p)
-
-
-def auto_batch_size(device: torch.device) -> int:
-    """Images per pass when none is given: 16 on the CPU; on a CUDA device 64, 32 or 16 by its free
-    memory (>= 48 GiB, >= 20 GiB, less): larger batches mean fewer passes and launches, and the
-    layer decomposition holds every op's output and gradient of a batch."""
-    if device.type != "cuda":
-        return 16
-    free = torch.cuda.mem_get_info(device)[0] / 2**30
-    return 64 if free >= 48 else 32 if free >= 20 else 16
 
 
 def _predictions(

@@ -660,3 +660,23 @@ def test_eval_batchnorm_with_a_strided_gradient_decomposes_exactly() -> None:
     dec = decompose(model, x, "translate_x", verify="jvp")
     assert dec.checks["total_vs_jvp"] <= 1e-12 and dec.completeness_error <= 1e-12
     assert dec.values.abs().sum() > 1e-6
+
+
+def test_without_batch_size_images_go_in_the_devices_automatic_batches(monkeypatch) -> None:
+    """batch_size=None splits the images into the automatic batch (16 on the CPU: 96 lite0 images
+    at once held 16.5 GB); the joined result equals one pass over all of them."""
+    import aliasscope.decomposition._api as api
+
+    net, x = smooth_cnn(), random_images(5, 3, 16, 16)
+    whole = decompose(net, x, "rotate", target="pred", output="softmax", batch_size=5)
+    batches = []
+    one_batch = api.decompose_batch
+    monkeypatch.setattr(api, "auto_batch_size", lambda device: 2)
+    monkeypatch.setattr(
+        api, "decompose_batch", lambda m, xs, s: batches.append(len(xs)) or one_batch(m, xs, s)
+    )
+    auto = decompose(net, x, "rotate", target="pred", output="softmax")
+    assert batches == [2, 2, 1]
+    assert auto.values.shape == whole.values.shape
+    torch.testing.assert_close(auto.values, whole.values, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(auto.total, whole.total, rtol=1e-12, atol=1e-15)

@@ -8,11 +8,13 @@ The maths lives with each step: :mod:`.local` (each op's local Lie derivative ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .._batching import auto_batch_size
 from .._borrow import borrowed, check_images
 from .._checks import check_finite_output, check_model, names_nonfinite_images
 from ..capture import OpRecord
@@ -88,8 +90,9 @@ def decompose(
         Show a tqdm bar over ops.
     batch_size:
         Decompose at most this many images at a time (every activation of a batch is kept alive) and
-        join the parts (:meth:`Decomposition.concat`); ``None``: all at once. Per-image targets are
-        split with the images.
+        join the parts (:meth:`Decomposition.concat`); ``None``: the device's automatic batch
+        (:func:`aliasscope._batching.auto_batch_size`: 16 on the CPU, 64/32/16 on a GPU by its free
+        memory). Per-image targets are split with the images.
     cuda_graph:
         Scalar target on a CUDA device, with ``batch_size``: record the first batch's whole
         decomposition (forward, backward, generators, inner products) as a CUDA graph and replay it
@@ -127,7 +130,10 @@ def decompose(
     images = check_images(images, model)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
-    if batch_size is not None and images.shape[0] > batch_size:
+    if batch_size is None:
+        batch_size = auto_batch_size(images.device)
+        settings = dataclasses.replace(settings, batch_size=batch_size)
+    if images.shape[0] > batch_size:
         dec = decompose_in_batches(model, images, settings)
         warn_failed(dec)  # as ever, joined probe estimates too (they carry no check: they warn)
     else:
