@@ -31,7 +31,7 @@ from ._checks import (
     output_hint,
     raise_nonfinite,
 )
-from ._lie_pass import GraphedMetricPass, MetricPass
+from ._lie_pass import GraphedMetricPass, MetricPass, transforms_per_pass
 from ._resampling import resample
 from .generators import get_generator
 from .layouts import Layout, infer_layout
@@ -160,10 +160,16 @@ def lie_derivative(
     images = check_images(images, model)
     fn = _composed(model, output)
     with borrowed(model), torch.no_grad():
-        step = MetricPass(fn, names, generator, lambda y: output_layout or infer_layout(y, model))
-        y, dy = step.lie(images)
-        check_finite_output(model, images, y, _output_fn(output))
-    return dy[0] if transforms is None else dy
+        group = transforms_per_pass(images.device, images.shape[0], len(names))
+        parts = []
+        for j in range(0, len(names), group):
+            step = MetricPass(
+                fn, names[j : j + group], generator, lambda y: output_layout or infer_layout(y, model)
+            )
+            y, dy = step.lie(images)
+            check_finite_output(model, images, y, _output_fn(output))
+            parts.append(dy)
+    return parts[0][0] if transforms is None else torch.cat(parts)
 
 
 def _act(x: torch.Tensor, transform: str, t: float, generator: str, layout: Layout) -> torch.Tensor:
@@ -361,10 +367,11 @@ def equivariance_metrics(
 ) -> EquivarianceMetrics:
     """The paper's end-to-end metric: per image and transform, ``mean_classes |L_X softmax(F(x))|``.
 
-    All transforms of a batch go through the model in one pass (:func:`aliasscope._lie_pass.jvp_many`:
-    the primal once, the K tangents together); on CUDA the pass is captured as a CUDA graph and
-    replayed for every further full batch (checked against the eager pass first). Out of GPU memory,
-    the transforms are split into smaller groups, then the batch is halved.
+    The transforms of a batch go through the model together (:func:`aliasscope._lie_pass.jvp_many`:
+    the primal once, the K tangents together; all of them on a GPU, about 64 tangent rows a pass on
+    the CPU: :func:`~aliasscope._lie_pass.transforms_per_pass`); on CUDA the pass is captured as a
+    CUDA graph and replayed for every further full batch (checked against the eager pass first).
+    Out of GPU memory, the transforms are split into smaller groups, then the batch is halved.
 
     Parameters
     ----------
@@ -399,7 +406,7 @@ def equivariance_metrics(
     fn = _composed(model, output)
     values = torch.empty(n, len(names), dtype=torch.float64, device=images.device)
     finite: list[torch.Tensor] = []
-    group, graphed = len(names), None
+    group, graphed = transforms_per_pass(images.device, batch_size, len(names)), None
     with (
         borrowed(model),
         torch.no_grad(),

@@ -170,3 +170,18 @@ def test_cuda_graph_replay_equals_the_eager_metrics() -> None:
     eager = equivariance_metrics(model, x, ALL, batch_size=4, cuda_graph=False, progress=False)
     graphed = equivariance_metrics(model, x, ALL, batch_size=4, cuda_graph=True, progress=False)
     torch.testing.assert_close(graphed.values, eager.values, rtol=1e-4, atol=1e-7)
+
+
+def test_transforms_split_into_passes_of_a_few_rows_on_the_cpu(monkeypatch) -> None:
+    """On the CPU about CPU_ROWS tangent rows go per pass (large passes outgrow the caches): the
+    groups' results are joined in transform order."""
+    monkeypatch.setattr(lie_pass, "CPU_ROWS", 4)
+    assert lie_pass.transforms_per_pass(torch.device("cpu"), 2, len(ALL)) == 2
+    assert lie_pass.transforms_per_pass(torch.device("cpu"), 9, len(ALL)) == 1
+    assert lie_pass.transforms_per_pass(torch.device("cuda"), 64, len(ALL)) == len(ALL)
+    net, x = smooth_cnn(), random_images(2)
+    together = lie_derivative(net, x, transforms=ALL, output="softmax")
+    assert rel_err(together, _one_by_one(net, x, ALL, output="softmax")) < 1e-12
+    m = equivariance_metrics(net, random_images(5, 3, 16, 16), ALL, batch_size=2, progress=False)
+    expected = _one_by_one(net, random_images(5, 3, 16, 16), ALL, output="softmax").abs().mean(2).T
+    assert rel_err(m.values, expected) < 1e-12
