@@ -27,17 +27,16 @@ from .layouts import Layout
 
 __all__ = ["jvp_many", "transforms_per_pass", "MetricPass", "GraphedMetricPass"]
 
-CPU_ROWS = 64
-"""Tangent rows (transforms x images) per pass on the CPU. Measured on 2 cores at 224 px (lite0,
-resnet50; forwards per transform at 10 transforms): 4 images x 10 transforms 1.87 / 1.75, 16 x 5
-2.66 / 1.76, 16 x 10 3.60 / 1.67; one transform per pass 2.3-3.0. Past ~100 rows lite0's
-activations outgrow the caches. On a GPU every transform goes in one pass (more rows, fewer
-launches)."""
+CPU_ROWS = 32
+"""Tangent rows (transforms x images) per pass on the CPU. Measured on 2 cores, lite0 at 16 images
+of 224 px, 10 transforms, forwards per transform (two runs): 16 rows a pass 2.6-3.0, 32 rows
+2.4-2.8, 64 rows 3.0-3.1, all 160 at once 3.9-4.2 (its activations outgrow the caches). On a GPU
+every transform goes in one pass (more rows, fewer launches)."""
 
 
 def transforms_per_pass(device: torch.device, batch: int, transforms: int) -> int:
     """How many transforms share one pass of ``batch`` images: all on a GPU, about
-    :data:`CPU_ROWS` tangent rows on the CPU."""
+    :data:`CPU_ROWS` tangent rows on the CPU (at least one transform)."""
     if device.type == "cuda":
         return transforms
     return max(1, min(transforms, CPU_ROWS // max(batch, 1)))

@@ -368,7 +368,7 @@ def equivariance_metrics(
     """The paper's end-to-end metric: per image and transform, ``mean_classes |L_X softmax(F(x))|``.
 
     The transforms of a batch go through the model together (:func:`aliasscope._lie_pass.jvp_many`:
-    the primal once, the K tangents together; all of them on a GPU, about 64 tangent rows a pass on
+    the primal once, the K tangents together; all of them on a GPU, about 32 tangent rows a pass on
     the CPU: :func:`~aliasscope._lie_pass.transforms_per_pass`); on CUDA the pass is captured as a
     CUDA graph and replayed for every further full batch (checked against the eager pass first).
     Out of GPU memory, the transforms are split into smaller groups, then the batch is halved.
