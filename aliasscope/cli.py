@@ -368,6 +368,7 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
     if args.layerwise:
         parse_target(args.target)  # a bad --target fails before any work
     clock = time.perf_counter()
+    setup = clock - start  # imports, the output folder and its lock
     model, preprocess = _load(args)
     batch = load_images(args.images, preprocess, limit=args.num_images, every=args.every)
     batch.images = batch.images.to(_dtype(args))
@@ -396,6 +397,7 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
             "where_images": args.where_images,
         },
     )
+    clock = time.perf_counter()
     _record(out, args, model, result.num_images)
     out.write_csv("metrics.csv", result.metrics.per_image())
     out.write_csv("per_image.csv", result.per_image_rows())
@@ -403,9 +405,9 @@ def _diagnose_into(out: OutputFolder, args: argparse.Namespace, start: float):
         out.write_csv("layers.csv", result.layers_rows())
     if result.join is not None:
         out.write_csv("spectral.csv", result.join.rows)
-    clock = time.perf_counter()
+    writing, clock = time.perf_counter() - clock, time.perf_counter()
     figures = draw_figures(result, out / "figures", progress=not args.quiet) if args.report else {}
-    result.timings.update(load=loading, figures=time.perf_counter() - clock)
+    result.timings.update(setup=setup, load=loading, write=writing, figures=time.perf_counter() - clock)
     result.timings["total"] = time.perf_counter() - start
     summary = result.to_dict()
     # strict JSON: NaN (a measure that does not apply) written as null; a "provenance" object added
