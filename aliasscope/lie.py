@@ -261,6 +261,9 @@ class EquivarianceMetrics(Result):
     output: str
     files: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _intervals: dict[tuple, dict[str, tuple[float, float, float]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def num_images(self) -> int:
@@ -272,6 +275,10 @@ class EquivarianceMetrics(Result):
         (BCa) bootstrap interval (9,999 resamples, seeded: the same numbers every time). The values
         are means of absolute values, skewed and never negative: a t-interval went below 0 on a few
         images, the bootstrap interval stays inside the values' range."""
+        key = (level, id(self.values), self.values._version, tuple(self.transforms))
+        cached = self._intervals.get(key)
+        if cached is not None:  # 9,999 resamples per transform: computed once per set of values
+            return dict(cached)
         out = {}
         n = self.num_images
         for j, name in enumerate(self.transforms):
@@ -286,6 +293,7 @@ class EquivarianceMetrics(Result):
                     (v,), np.mean, confidence_level=level, method="BCa", n_resamples=9999, random_state=0
                 ).confidence_interval
                 out[name] = (mean, float(ci.low), float(ci.high))
+        self._intervals[key] = dict(out)
         return out
 
     @property

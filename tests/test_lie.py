@@ -211,3 +211,14 @@ def test_intervals_of_skewed_nonnegative_values_stay_nonnegative() -> None:
     assert m.interval() == m.interval()  # seeded
     same = EquivarianceMetrics(torch.full((3, 1), 0.5, dtype=torch.float64), ["rotate"], "central", "x")
     assert same.interval()["rotate"] == (0.5, 0.5, 0.5)
+
+
+def test_intervals_are_computed_once_per_set_of_values() -> None:
+    from aliasscope.lie import EquivarianceMetrics
+
+    m = EquivarianceMetrics(torch.rand(20, 2, dtype=torch.float64), ["rotate", "scale"], "central", "softmax")
+    first = m.interval()
+    assert m.interval() == first and len(m._intervals) == 1
+    m.values[:, 0] *= 2  # an in-place change is seen: the interval is computed again
+    again = m.interval()
+    assert again["rotate"][0] == pytest.approx(2 * first["rotate"][0]) and again["scale"] == first["scale"]
