@@ -345,7 +345,7 @@ def diagnose(
     :class:`~aliasscope.models.Preprocess` that made the images (recorded; the figures use its
     mean/std to show the photos). ``settings``: entries that override what the summary records
     (``model``, ``pretrained``, ``images``, ``device``, ``dtype``, ``seed``, ...: the CLI records its
-    arguments there). ``batch_size``: images per pass, None for :func:`auto_batch_size`.
+    arguments there). ``batch_size``: images per pass, None for :func:`aliasscope._batching.auto_batch_size`.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
