@@ -18,6 +18,7 @@ adding a figure is one :func:`register_figure` call (plus its test)::
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ class Figure:
     Figure; ``applies(diagnosis)``: whether the run has what it shows; ``order``: its place in the
     report (smaller first); ``prepare(diagnosis, key)``: the figure's own computation with the model
     (run first, in the main process, on the model's device), leaving what ``draw`` needs in
-    ``diagnosis.prepared[key]`` on the CPU, so that ``draw`` only plots (and can run in a worker)."""
+    ``diagnosis.prepared[key]``, so that ``draw`` only plots (and can run in a worker, which gets a
+    CPU copy of it)."""
 
     key: str
     title: str
@@ -159,6 +161,10 @@ def _workers(jobs: int | None, figures: int) -> int:
     return max(1, min(cpus, figures))
 
 
+WORKER_TIMEOUT = 600.0
+"""Seconds a figure's worker may take before it is stopped and the figure drawn in the main process
+(a worker that hangs, e.g. on a lock a thread of the parent held when it forked, costs no more)."""
+
 _FORKED: tuple[Diagnosis, Path] | None = None
 """What a forked worker draws from (inherited through fork, never pickled)."""
 
@@ -172,7 +178,7 @@ class _ForkedFigures:
 
         self.folder, self.workers, self.bar = folder, workers, bar
         self.context = multiprocessing.get_context("fork")
-        self.running: list[tuple[str, Any]] = []
+        self.running: list[tuple[str, Any, float]] = []
         self.failed: list[str] = []
         self.view = _on_cpu(diagnosis)
 
@@ -194,17 +200,22 @@ class _ForkedFigures:
             return False
         finally:
             _FORKED = None
-        self.running.append((key, process))
+        self.running.append((key, process, time.monotonic()))
         return True
 
     def _reap(self, block: bool) -> None:
         from multiprocessing.connection import wait
 
         if block:
-            wait([p.sentinel for _, p in self.running])
-        for key, process in [(k, p) for k, p in self.running if not p.is_alive()]:
+            wait([p.sentinel for _, p, _ in self.running], timeout=5.0)
+        for entry in list(self.running):
+            key, process, started = entry
+            if process.is_alive():
+                if time.monotonic() - started < WORKER_TIMEOUT:
+                    continue
+                process.kill()  # hung: drawn in the main process instead
             process.join()
-            self.running.remove((key, process))
+            self.running.remove(entry)
             if process.exitcode == 0:
                 self.bar.update()
             else:
@@ -370,7 +381,7 @@ def _alias_caption(summary: dict[str, Any], key: str) -> str:
 
 
 def _prepare_where(d: Diagnosis, key: str) -> None:
-    """The where figure's decomposition with per-pixel maps (on the model's device), kept on the CPU."""
+    """The where figure's decomposition with per-pixel maps (on the model's device), kept for ``draw``."""
     from .decomposition import decompose
     from .diagnosis import parse_target
 

@@ -211,3 +211,24 @@ def test_a_figure_a_worker_cannot_draw_is_drawn_here(tmp_path: Path, monkeypatch
         assert "transforms" in by_workers and "needs_model" not in by_workers
     finally:
         del figures.FIGURES[spec.key]
+
+
+def test_a_worker_that_hangs_is_stopped_and_its_figure_drawn_here(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    def draw(d, path, key):
+        from aliasscope._plots import plot_transforms
+
+        if d.model is None:  # in a worker: hang
+            time.sleep(60)
+        return plot_transforms(d.metrics, path)
+
+    monkeypatch.setattr(figures, "WORKER_TIMEOUT", 1.0)
+    spec = register_figure(Figure("hangs", "Hangs in a worker", lambda s, k: "", draw, order=11))
+    try:
+        result = _small_diagnosis(tmp_path)
+        start = time.monotonic()
+        paths = figures.draw_figures(result, tmp_path / "f", progress=False, jobs=2)
+        assert paths["hangs"].exists() and time.monotonic() - start < 30
+    finally:
+        del figures.FIGURES[spec.key]
