@@ -12,7 +12,7 @@ import aliasscope as asc
 PUBLIC_MODULES = {
     "capture", "captum", "cli", "comparison", "data", "decomposition", "diagnosis", "figures",
     "fixes", "generators", "kinds", "layout_rules", "layouts", "lie", "models", "results",
-    "spectrum", "transforms",
+    "spectrum", "sweep", "transforms",
 }  # fmt: skip
 
 
