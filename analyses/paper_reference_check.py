@@ -4,9 +4,10 @@
 
 The reference code (Gruver et al. 2023) computes ``d/dt softmax(model(T_t x))`` at ``t = 0`` with a
 double-backward trick through its float32 resampler, evaluating the model at the resampled identity
-``T_0 x`` (about 1e-6 px away from ``x``). This script re-derives that procedure (the resampler is
+``T_0 x`` (about 1e-6 px away from ``x``). This script runs that procedure, as
+:mod:`aliasscope._reference` re-derives it (the resampler is
 :func:`aliasscope._resampling.resample` with ``generator="paper"``, which follows the reference
-resampler op by op) and compares, per transform, the mean over images of the paper's metric
+resampler op by op), and compares, per transform, the mean over images of the paper's metric
 (mean over classes of ``|L_X softmax|``) with aliasscope's forward-mode ``lie_derivative``
 evaluated at ``x`` itself. Stretch uses the corrected matrix ``diag(1 + t, 1)`` in both (the
 reference's own stretch collapses the image and is not comparable). It also prints the
@@ -22,24 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from aliasscope import lie_derivative, load_images, load_model, resample, transform_names
+from aliasscope import lie_derivative, load_images, load_model, transform_names
+from aliasscope._reference import reference_lie_derivative as reference_procedure
 from aliasscope.results import rows_to_csv
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample" / "labels.csv"
-
-
-def reference_procedure(model: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """softmax(model(T_t x)) differentiated in t at 0 by the double-backward jvp trick."""
-    t = torch.zeros((), requires_grad=True, device=x.device)
-    with torch.enable_grad():
-        y = F.softmax(model(resample(x, name, t, "paper")), dim=-1)
-        v = torch.ones_like(y, requires_grad=True)
-        (vjp,) = torch.autograd.grad(y, [t], [v], create_graph=True)
-        (jv,) = torch.autograd.grad(vjp, [v], [torch.ones_like(vjp)])
-    return jv
 
 
 def main() -> None:

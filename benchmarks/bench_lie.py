@@ -28,25 +28,14 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from timing import model_and_images, model_arguments, sync
 
-from aliasscope import equivariance_metrics, lie_derivative, resample, transform_names
+from aliasscope import equivariance_metrics, lie_derivative, transform_names
 from aliasscope._borrow import borrowed
 from aliasscope._lie_pass import GraphedMetricPass, MetricPass
+from aliasscope._reference import reference_lie_derivative as reference
 from aliasscope.layouts import infer_layout
 from aliasscope.lie import _composed
-
-
-def reference(model: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """The paper's recipe (as analyses/paper_reference_check.py re-derives it)."""
-    t = torch.zeros((), requires_grad=True, device=x.device)
-    with torch.enable_grad():
-        y = F.softmax(model(resample(x, name, t, "paper")), dim=-1)
-        v = torch.ones_like(y, requires_grad=True)
-        (vjp,) = torch.autograd.grad(y, [t], [v], create_graph=True)
-        (jv,) = torch.autograd.grad(vjp, [v], [torch.ones_like(vjp)])
-    return jv
 
 
 def tf32_state() -> str:

@@ -14,7 +14,7 @@ from helpers import random_images, rel_err, smooth_cnn
 from torch import nn
 
 from aliasscope._forward_mode import _sdpa_math, jvp
-from aliasscope._resampling import resample
+from aliasscope._reference import reference_lie_derivative
 from aliasscope.layouts import Layout
 from aliasscope.lie import equivariance_metrics, finite_difference, lie_derivative
 from aliasscope.transforms import SPATIAL_TRANSFORMS, TRANSFORMS
@@ -31,24 +31,12 @@ def test_lie_derivative_matches_finite_difference(name: str, generator: str, out
     assert rel_err(lie, fd) < 1e-4
 
 
-def _reference_procedure(net: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """The paper's own recipe, re-derived: softmax(model(rho(t) x)) differentiated in t at 0 with the
-    double-backward jvp trick through the float32 resampler; the model sees T_0 x, not x."""
-    t = torch.zeros((), requires_grad=True)
-    with torch.enable_grad():
-        y = F.softmax(net(resample(x, name, t, "paper")), dim=-1)
-        v = torch.ones_like(y, requires_grad=True)
-        (vjp,) = torch.autograd.grad(y, [t], [v], create_graph=True)
-        (jv,) = torch.autograd.grad(vjp, [v], [torch.ones_like(vjp)])
-    return jv
-
-
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_paper_generator_reproduces_the_reference_procedure(name: str) -> None:
     net, x = smooth_cnn(), random_images(3, 3, 24, 28)
     ours = lie_derivative(net, x, name, generator="paper", output="softmax")
     # T_0 x is ~1e-6 px away from x: only that separates the two on a smooth network
-    assert rel_err(ours, _reference_procedure(net, x, name)) < 1e-4
+    assert rel_err(ours, reference_lie_derivative(net, x, name)) < 1e-4
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
