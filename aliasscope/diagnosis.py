@@ -129,6 +129,7 @@ def _predictions(
     predicted class (the logits' argmax), its softmax probability and the label."""
     from ._borrow import borrowed
     from ._checks import check_labels
+    from .comparison import top1 as top1_of
 
     classes: list[torch.Tensor] = []
     probs: list[torch.Tensor] = []
@@ -142,7 +143,7 @@ def _predictions(
             classes.append(idx)
             probs.append(logits.softmax(-1).gather(-1, idx[:, None])[:, 0].double())
     predicted = torch.cat(classes).cpu()
-    top1 = None if labels is None else (predicted == labels.cpu()).double().mean().item()
+    top1 = None if labels is None else top1_of(predicted, labels)
     return top1, {
         "predicted_class": predicted.tolist(),
         "probability": torch.cat(probs).cpu().tolist(),
