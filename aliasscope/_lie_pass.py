@@ -103,8 +103,7 @@ class GraphedMetricPass:
     or :meth:`capture` returns None and the caller stays eager.
     """
 
-    def __init__(self, step: MetricPass, first: torch.Tensor) -> None:
-        self.step = step
+    def __init__(self, first: torch.Tensor) -> None:
         self.static_x = first.clone()
         self.graph = torch.cuda.CUDAGraph()
         self.y: torch.Tensor
@@ -115,7 +114,7 @@ class GraphedMetricPass:
         cls, step: MetricPass, first: torch.Tensor
     ) -> tuple[GraphedMetricPass | None, torch.Tensor, torch.Tensor]:
         """``(graphed pass or None, eager output and values of first)``."""
-        self = cls(step, first)
+        self = cls(first)
         side = torch.cuda.Stream(device=first.device)
         side.wait_stream(torch.cuda.current_stream(first.device))
         with torch.cuda.stream(side):  # warm-up: eager, and the reference the replay must match

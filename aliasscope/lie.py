@@ -424,21 +424,22 @@ def equivariance_metrics(
         s = 0
         while s < n:
             chunk = images[s : s + batch_size]
+            rows = slice(s, s + chunk.shape[0])
             try:
                 if graphed is not None and chunk.shape[0] == batch_size:
-                    y, vals = graphed(chunk)
-                    finite.append(torch.isfinite(y).all())
-                    values[s : s + batch_size] = vals
+                    parts = [(slice(None), *graphed(chunk))]
                 elif graphable and cuda_graph is not False and group == len(names) and s == 0:
                     step = MetricPass(fn, names, generator, layout_of)
                     graphed, y, vals = GraphedMetricPass.capture(step, chunk)
-                    finite.append(torch.isfinite(y).all())
-                    values[s : s + batch_size] = vals
+                    parts = [(slice(None), y, vals)]
                 else:
+                    parts = []
                     for j in range(0, len(names), group):
-                        y, vals = MetricPass(fn, names[j : j + group], generator, layout_of)(chunk)
-                        finite.append(torch.isfinite(y).all())
-                        values[s : s + chunk.shape[0], j : j + group] = vals
+                        columns = slice(j, j + group)
+                        parts.append((columns, *MetricPass(fn, names[columns], generator, layout_of)(chunk)))
+                for columns, y, vals in parts:  # before the next replay: the graph's buffers are reused
+                    finite.append(torch.isfinite(y).all())
+                    values[rows, columns] = vals
             except torch.OutOfMemoryError:
                 if group == 1 and batch_size == 1:
                     raise
