@@ -46,7 +46,15 @@ def test_resolution_of_the_paper_list() -> None:
         else:
             assert r.model is None and r.note
     if timm.__version__ == "1.0.31":  # the counts of the README, for the timm they were measured with
-        assert counts == {"current": 366, "renamed": 110, "remapped": 3, "no_weights": 1, "hub": 0, "gone": 3}
+        assert counts == {
+            "current": 366,
+            "renamed": 110,
+            "remapped": 3,
+            "no_weights": 1,
+            "hub": 0,
+            "source": 0,
+            "gone": 3,
+        }
     rows = resolution_rows(resolved)
     assert len(rows) == 483 and set(rows[0]) == {"requested", "model", "status", "note"}
 
@@ -69,3 +77,15 @@ def test_tags_and_unknown_names() -> None:
     assert (tagged.status, tagged.model) == ("current", "resnet50.a1_in1k")
     assert bad_tag.status == "gone" and "no_such_tag" in bad_tag.note
     assert unknown.status == "gone" and unknown.model is None
+
+
+def test_other_model_sources_are_passed_on_and_a_checkpoint_is_a_model_not_a_list(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"not a list of names")
+    names = expand(["torchvision:resnet18", "python:my_nets:build", str(checkpoint), "resnet18"])
+    assert names == ["torchvision:resnet18", "python:my_nets:build", str(checkpoint), "resnet18"]
+    resolved = resolve(names)
+    assert [r.status for r in resolved] == ["source", "source", "source", "current"]
+    assert [r.model for r in resolved[:3]] == names[:3] and all(r.evaluated for r in resolved)
+    assert "'torchvision'" in resolved[0].note and "'python'" in resolved[1].note
+    assert "'checkpoint'" in resolved[2].note

@@ -19,6 +19,9 @@ A request is timm names, ``arch.tag`` names, glob patterns (``'vit_*'``, matched
     A current architecture with no pretrained weights in timm (random init only, flagged).
 ``hub``
     An ``hf-hub:`` name, passed on as it is.
+``source``
+    A model of another :data:`aliasscope.models.SOURCES` entry (``torchvision:``, ``transformers:``,
+    ``python:``, a checkpoint file), passed on to :func:`aliasscope.models.load_model` as it is.
 ``gone``
     Not in timm any more (deprecated without a successor, or unknown).
 """
@@ -34,11 +37,15 @@ from pathlib import Path
 
 __all__ = ["STATUSES", "Resolved", "expand", "paper_models", "resolution_rows", "resolve", "summary"]
 
-STATUSES = ("current", "renamed", "remapped", "no_weights", "hub", "gone")
+STATUSES = ("current", "renamed", "remapped", "no_weights", "hub", "source", "gone")
 """Every status :func:`resolve` gives, in the order :func:`summary` lists them."""
 
-EVALUATED = ("current", "renamed", "no_weights", "hub")
+EVALUATED = ("current", "renamed", "no_weights", "hub", "source")
 """Statuses whose model a sweep builds (``no_weights`` only with random init allowed)."""
+
+
+CHECKPOINTS = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+"""File suffixes :func:`expand` takes for a checkpoint (a model), not a list of names."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,8 @@ def paper_models() -> list[str]:
 
 def expand(models: str | Sequence[str]) -> list[str]:
     """The names a request stands for, in order, each once: ``paper``, a text file, glob patterns
-    (against every timm architecture), or names as they are (``arch``, ``arch.tag``, ``hf-hub:``).
+    (against every timm architecture), or names as they are (``arch``, ``arch.tag``, ``hf-hub:``,
+    other model sources' specs; a checkpoint file is a model, not a list).
     Raises ValueError for a pattern that matches nothing (naming it)."""
     import timm
 
@@ -77,7 +85,7 @@ def expand(models: str | Sequence[str]) -> list[str]:
             continue
         if item == "paper":
             out += paper_models()
-        elif not item.startswith("hf-hub:") and Path(item).is_file():
+        elif ":" not in item and Path(item).is_file() and Path(item).suffix.lower() not in CHECKPOINTS:
             lines = (line.split("#", 1)[0].strip() for line in Path(item).read_text().splitlines())
             out += expand([line for line in lines if line])
         elif any(c in item for c in "*?["):
@@ -113,6 +121,9 @@ def _resolve_one(name, deprecated, sharing, architectures, pretrained) -> Resolv
 
     if name.startswith("hf-hub:"):
         return Resolved(name, name, "hub")
+    source = _other_source(name)
+    if source is not None:
+        return Resolved(name, name, "source", f"built by the {source!r} model source")
     if name in deprecated:
         new = deprecated[name]
         if new is None:
@@ -134,6 +145,15 @@ def _resolve_one(name, deprecated, sharing, architectures, pretrained) -> Resolv
     if not _has_weights(arch, pretrained):
         return Resolved(name, arch, "no_weights", "no pretrained weights in timm: random init only")
     return Resolved(name, _default_tag(arch) or arch, "current")
+
+
+def _other_source(name: str) -> str | None:
+    """The name of the model source other than timm's (and the bundled weights) that claims
+    ``name``, else None."""
+    from ..models import SOURCES
+
+    claimed = next((source.name for source in SOURCES.values() if source.claims(name)), None)
+    return None if claimed in ("bundled", "timm") else claimed
 
 
 def _has_weights(arch: str, pretrained: set[str]) -> bool:
