@@ -1,4 +1,5 @@
-"""Command line: ``aliasscope diagnose`` measures a model's equivariance on real images."""
+"""Command line: ``aliasscope diagnose`` measures a model's equivariance on real images, ``fix`` tests
+anti-aliasing fixes, ``sweep`` measures many models into one table."""
 
 from __future__ import annotations
 
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print comparison.json to stdout instead of the table"
     )
     fix.set_defaults(func=fix_command)
+
+    from .sweep.command import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub, transform_names(), generator_names())
     return parser
 
 

@@ -138,7 +138,6 @@ def _load(task: Task, settings: SweepSettings, device: torch.device) -> tuple[An
     """The model, its preprocessing and ``None`` or the reason it has no weights."""
     from ..models import MissingWeightsError, available_pretrained, load_model
 
-    torch.manual_seed(settings.seed + zlib.crc32(task.model.encode()))
     arch = task.model.split(".", 1)[0]
     if task.resolution != "no_weights" and _bundled_default(task.model, arch, available_pretrained()):
         with torch.device(device):
@@ -155,9 +154,16 @@ def _load(task: Task, settings: SweepSettings, device: torch.device) -> tuple[An
         missing = "timm publishes no pretrained weights for this architecture"
     if not settings.allow_random:
         return None, None, missing
+    torch.manual_seed(random_init_seed(task.model, settings.seed))  # just before the build: reproducible
     with torch.device(device):
         model, preprocess = load_model(task.model, pretrained=False, device=device)
     return model, preprocess, None
+
+
+def random_init_seed(model: str, seed: int = 0) -> int:
+    """The torch seed a model of a sweep is built with when randomly initialised: ``seed`` plus the
+    CRC-32 of its name (each model its own weights, the same in every run and on every worker)."""
+    return seed + zlib.crc32(model.encode())
 
 
 def _peak_gb(device: torch.device) -> float:
