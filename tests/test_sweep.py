@@ -173,22 +173,54 @@ def test_out_of_memory_halves_the_batch(images: Path, monkeypatch: pytest.Monkey
     assert (result.row["batch_size"], result.row["oom_retries"]) == (1, 2)
 
 
-def test_a_dask_cluster_gives_the_in_process_table_though_a_worker_dies(
+def test_a_killed_sweep_rerun_on_dask_gives_the_uninterrupted_table(
     images: Path, tmp_path: Path, nets: str
 ) -> None:
+    """Six small random-init timm models, one whose worker process dies the first time and one that
+    raises: the sweep (CLI, a local cluster of 2 workers) is killed mid-run, re-run, and then equals
+    an uninterrupted in-process run, every model present exactly once."""
+    import signal
+    import subprocess
+    import time
+
     pytest.importorskip("distributed")
-    models = ["test_resnet", f"{nets}:dies_once", "test_convnext", f"{nets}:broken"]
-    settings = SMALL | {"layer_transforms": []}
-    cluster = run_sweep(models, images, tmp_path / "c", **settings, workers=2, retries=1, log=lambda _: None)
-    assert list(cluster["requested"]) == models
-    assert list(cluster["status"]) == ["ok", "ok", "ok", "failed"]
-    assert (tmp_path / "killed-once").exists()  # the worker really died once
+    timm_models = [
+        "test_resnet",
+        "test_convnext",
+        "test_efficientnet",
+        "test_vit",
+        "test_byobnet",
+        "test_nfnet",
+    ]
+    models = [*timm_models[:3], f"{nets}:dies_once", *timm_models[3:], f"{nets}:broken"]
+    out = tmp_path / "cluster"
+    argv = [sys.executable, "-m", "aliasscope.cli", "sweep", "--models", *models, "--images", str(images),
+            "--out", str(out), "--num-images", "2", "--transforms", "translate_x", "rotate",
+            "--layer-transforms", "--allow-random", "--threads", "1", "--workers", "2", "--retries", "1",
+            "--quiet", "--no-report"]  # fmt: skip
+    sweep = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stored = lambda: [p for p in (out / "models").glob("*") if not p.name.startswith(".")]  # noqa: E731
+    deadline = time.monotonic() + 240
+    while len(stored()) < 2 and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
+    _, err = sweep.communicate()
+    assert sweep.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    before = len(stored())
+    assert 2 <= before < len(models), "the sweep finished before it could be killed"
+
+    log: list[str] = []
+    settings = SMALL | {"layer_transforms": [], "transforms": ["translate_x", "rotate"]}
+    cluster = run_sweep(models, images, out, **settings, workers=2, retries=1, log=log.append)
+    assert any(f"resuming: {before} models already" in line for line in log), log
+    assert list(cluster["requested"]) == models and len(Store(out).names()) == len(models)
+    assert list(cluster["status"]) == ["ok"] * 7 + ["failed"]
+    assert (tmp_path / "killed-once").exists()  # a worker really died (in the first run or the second)
     assert cluster["worker_pid"].nunique() >= 2 and os.getpid() not in set(cluster["worker_pid"])
-    local = run_sweep(models, images, tmp_path / "l", **settings, log=lambda _: None)
+    local = run_sweep(models, images, tmp_path / "local", **settings, log=lambda _: None)
     stable = [c for c in cluster.columns if c not in VOLATILE]
-    a, b = cluster[stable].drop(columns="error"), local[stable].drop(columns="error")
+    a, b = cluster[stable], local[stable]
     assert a.equals(b), a.compare(b) if a.shape == b.shape else (a.columns, b.columns)
-    assert len(Store(tmp_path / "c").names()) == 4  # every model stored once
 
 
 def test_store_writes_a_model_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
