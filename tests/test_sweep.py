@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A module ``sweepnets`` on the path of this process and of Dask workers: small models, one that
-    raises, one whose op has no inferable layout, one that kills its process the first time."""
+    raises, one whose op has no inferable layout, one that kills its process the first time, one that
+    waits until the file ``release`` exists."""
     (tmp_path / "sweepnets.py").write_text(
         textwrap.dedent(
             f"""
@@ -53,6 +55,7 @@ def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             from torch import nn
 
             MARKER = {str(tmp_path / "killed-once")!r}
+            RELEASE = {str(tmp_path / "release")!r}
 
             def conv():
                 torch.manual_seed(0)
@@ -79,6 +82,16 @@ def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
                 if not os.path.exists(MARKER):
                     open(MARKER, "w").close()
                     os._exit(1)
+                return conv()
+
+            def gate():
+                # waits until the test writes RELEASE, so that a sweep cannot finish before it is killed
+                import time
+                deadline = time.monotonic() + 300
+                while not os.path.exists(RELEASE):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the test never released the gate")
+                    time.sleep(0.05)
                 return conv()
             """
         )
@@ -154,7 +167,27 @@ def test_failures_are_rows_and_a_layoutless_op_keeps_the_end_to_end_values(
     assert all((tmp_path / "a" / name).is_file() for name in written)
 
 
-def test_out_of_memory_halves_the_batch(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _wrapped_oom() -> Exception:
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (simulated)")
+    except torch.OutOfMemoryError as oom:
+        try:
+            raise ValueError("the model failed on images of shape (4, 3, 64, 64)") from oom
+        except ValueError as wrapped:
+            return wrapped
+
+
+OUT_OF_MEMORY = {
+    "torch": lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    "kernel": lambda: RuntimeError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"),
+    "wrapped": _wrapped_oom,
+}
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY)
+def test_out_of_memory_halves_the_batch(images: Path, monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    """Any error that is, or was raised from, the device running out of memory halves the batch (as
+    timm's validate.py does); the row then equals a run at the batch that fits."""
     from aliasscope.sweep import measure
 
     real, batches = measure._measure, []
@@ -162,7 +195,7 @@ def test_out_of_memory_halves_the_batch(images: Path, monkeypatch: pytest.Monkey
     def tight(model, preprocess, task, settings, device, batch):
         batches.append(batch)
         if batch > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise OUT_OF_MEMORY[error]()
         return real(model, preprocess, task, settings, device, batch)
 
     monkeypatch.setattr(measure, "_measure", tight)
@@ -171,14 +204,34 @@ def test_out_of_memory_halves_the_batch(images: Path, monkeypatch: pytest.Monkey
     result = measure_model(Task("test_resnet", "test_resnet", "no_weights"), settings)
     assert result.ok and batches == [4, 2, 1]
     assert (result.row["batch_size"], result.row["oom_retries"]) == (1, 2)
+    plain = measure_model(Task("test_resnet", "test_resnet", "no_weights"), replace(settings, batch_size=1))
+    assert plain.row["lie_translate_x"] == result.row["lie_translate_x"]
+
+
+def test_other_errors_are_not_retried(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aliasscope.sweep import measure
+
+    batches = []
+
+    def wrong(model, preprocess, task, settings, device, batch):
+        batches.append(batch)
+        raise ValueError("mat1 and mat2 shapes cannot be multiplied (memory of a shape)")
+
+    monkeypatch.setattr(measure, "_measure", wrong)
+    settings = SweepSettings(str(images), num_images=2, transforms=("translate_x",), layer_transforms=(),
+                             batch_size=4, allow_random=True)  # fmt: skip
+    result = measure_model(Task("test_resnet", "test_resnet", "no_weights"), settings)
+    assert batches == [4] and result.row["status"] == "failed" and "mat1 and mat2" in result.row["error"]
+    assert not measure.is_out_of_memory(ValueError("out of range"))
 
 
 def test_a_killed_sweep_rerun_on_dask_gives_the_uninterrupted_table(
     images: Path, tmp_path: Path, nets: str
 ) -> None:
-    """Six small random-init timm models, one whose worker process dies the first time and one that
-    raises: the sweep (CLI, a local cluster of 2 workers) is killed mid-run, re-run, and then equals
-    an uninterrupted in-process run, every model present exactly once."""
+    """Six small random-init timm models, one whose worker process dies the first time, one that raises
+    and one that waits to be released: the sweep (CLI, a local cluster of 2 workers) is killed mid-run
+    (the waiting model keeps it from finishing, however fast the machine), re-run, and then equals an
+    uninterrupted in-process run, every model present exactly once."""
     import signal
     import subprocess
     import time
@@ -192,7 +245,7 @@ def test_a_killed_sweep_rerun_on_dask_gives_the_uninterrupted_table(
         "test_byobnet",
         "test_nfnet",
     ]
-    models = [*timm_models[:3], f"{nets}:dies_once", *timm_models[3:], f"{nets}:broken"]
+    models = [*timm_models[:3], f"{nets}:dies_once", *timm_models[3:], f"{nets}:gate", f"{nets}:broken"]
     out = tmp_path / "cluster"
     argv = [sys.executable, "-m", "aliasscope.cli", "sweep", "--models", *models, "--images", str(images),
             "--out", str(out), "--num-images", "2", "--transforms", "translate_x", "rotate",
@@ -208,13 +261,15 @@ def test_a_killed_sweep_rerun_on_dask_gives_the_uninterrupted_table(
     assert sweep.returncode == -signal.SIGKILL, err.decode()[-2000:]
     before = len(stored())
     assert 2 <= before < len(models), "the sweep finished before it could be killed"
+    assert f"{nets}:gate" not in Store(out).names()
+    (tmp_path / "release").touch()
 
     log: list[str] = []
     settings = SMALL | {"layer_transforms": [], "transforms": ["translate_x", "rotate"]}
     cluster = run_sweep(models, images, out, **settings, workers=2, retries=1, log=log.append)
     assert any(f"resuming: {before} models already" in line for line in log), log
     assert list(cluster["requested"]) == models and len(Store(out).names()) == len(models)
-    assert list(cluster["status"]) == ["ok"] * 7 + ["failed"]
+    assert list(cluster["status"]) == ["ok"] * 8 + ["failed"]
     assert (tmp_path / "killed-once").exists()  # a worker really died (in the first run or the second)
     assert cluster["worker_pid"].nunique() >= 2 and os.getpid() not in set(cluster["worker_pid"])
     local = run_sweep(models, images, tmp_path / "local", **settings, log=lambda _: None)
