@@ -10,6 +10,7 @@ one image (as timm's ``validate.py`` does).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import resource
@@ -229,9 +230,9 @@ def _measure(model, preprocess, task: Task, settings: SweepSettings, device, bat
             for kind, entry in dec.by_kind().items():
                 shares.append({"requested": task.requested, "transform": t, "kind": kind, **entry})
                 kinds.setdefault(kind, []).append(entry["share"])
-    except torch.OutOfMemoryError:
-        raise
     except Exception as exc:  # noqa: BLE001 - the end-to-end values stand; the decomposition says why not
+        if is_out_of_memory(exc):
+            raise
         row["decomposition_error"] = _error_text(exc)
         return ModelResult(row, values, [])
     if settings.layer_transforms:
@@ -242,6 +243,21 @@ def _measure(model, preprocess, task: Task, settings: SweepSettings, device, bat
         row["check_failures"] = "; ".join(failures)
         row["decomposition_error"] = ""
     return ModelResult(row, values, shares)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an error, or any error it was raised from, is the device running out of memory.
+
+    Besides ``torch.OutOfMemoryError`` this catches a CUDA allocation failure inside a kernel
+    (``torch.AcceleratorError: CUDA error: out of memory``) and checks that wrap the error in their own
+    message (``ValueError: the model failed on images ...: CUDA out of memory``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _error_text(exc: BaseException) -> str:
@@ -289,12 +305,14 @@ def measure_model(task: Task, settings: SweepSettings) -> ModelResult:
                 try:
                     result = _measure(model, preprocess, task, settings, device, batch)
                     break
-                except torch.OutOfMemoryError:
-                    if batch == 1:
+                except Exception as exc:
+                    if batch == 1 or not is_out_of_memory(exc):
                         raise
-                    batch, retries = batch // 2, retries + 1
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                # out of the except block, so the error's frames (and the tensors they hold) are freed
+                batch, retries = batch // 2, retries + 1
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             base.update(batch_size=batch, oom_retries=retries)
     except Exception as exc:  # noqa: BLE001 - one model's failure is its row, the sweep goes on
         base.update(status="failed", error=_error_text(exc))
