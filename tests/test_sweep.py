@@ -353,3 +353,23 @@ def test_cli_errors_name_the_problem(tmp_path: Path, images: Path, capsys: pytes
         run_sweep("test_resnet", images, tmp_path, num_images=0)
     with pytest.raises(ValueError, match="not both"):
         run_sweep("test_resnet", images, tmp_path, workers=2, address="tcp://127.0.0.1:1")
+
+
+def test_ctrl_c_says_what_is_stored_and_how_to_resume(
+    tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from aliasscope.cli import main
+    from aliasscope.sweep import run as sweep_run
+
+    def one_then_ctrl_c(todo, settings, write, **_: object) -> None:
+        write(measure_model(todo[0], settings))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_run, "run_tasks", one_then_ctrl_c)
+    argv = ["sweep", "--models", "test_resnet", "test_vit", "--images", str(images), "--out", str(tmp_path),
+            "--num-images", "2", "--transforms", "translate_x", "--layer-transforms", "--allow-random",
+            "--quiet", "--no-report"]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; 1 models are stored in {tmp_path}: the same command resumes" in err, err
+    assert Store(tmp_path).names() == ["test_resnet"]

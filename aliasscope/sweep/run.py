@@ -184,6 +184,13 @@ def run_sweep(
 
     try:
         run_tasks(todo, settings, write, workers=workers, address=address, retries=retries)
+    except KeyboardInterrupt:
+        from .._output import Interrupted
+
+        done = len(store.names())
+        raise Interrupted(
+            f"interrupted; {done} models are stored in {store.out}: the same command resumes from there"
+        ) from None
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
