@@ -23,7 +23,7 @@ def add_parser(sub: Any, transforms: list[str], generators: list[str]) -> argpar
         help="measure many models (timm names, patterns, a file, or the paper's list) into one table",
         description="Resolve model names to current timm names (what was renamed, remapped onto another "
         "model's weights, or is gone: resolution.csv), measure each model on the same images (top-1/5, "
-        "the Lie derivative of every transform with 95%% intervals, shares by op kind from the exact "
+        "the Lie derivative of every transform with 95% intervals, shares by op kind from the exact "
         "decomposition, parameters, FLOPs, seconds, peak memory) and store each finished model at once "
         "(Parquet, atomic): a re-run with the same --out resumes. Merges into sweep.parquet/csv and draws "
         "the paper's figure (Lie derivative against top-1) and sweep.html. In this process by default; "
